@@ -34,7 +34,7 @@ enum WriterState<W> {
 type AbortHook = Box<dyn FnOnce()>;
 
 /// A `ByteStream` server that writes into an `AsyncWrite`.
-pub struct WriterStream<W> {
+pub struct WriterStream<W: AsyncWrite + Unpin + 'static> {
     state: RefCell<WriterState<W>>,
     on_abort: RefCell<Option<AbortHook>>,
 }
@@ -104,57 +104,62 @@ impl<W: AsyncWrite + Unpin + 'static> WriterStream<W> {
     }
 }
 
-impl<W> Drop for WriterStream<W> {
+impl<W: AsyncWrite + Unpin + 'static> Drop for WriterStream<W> {
     fn drop(&mut self) {
         let finished = matches!(
             *self.state.borrow(),
             WriterState::Done | WriterState::Failed(_)
         );
-        if !finished {
-            if let Some(hook) = self.on_abort.borrow_mut().take() {
-                hook();
-            }
+        if finished {
+            return;
+        }
+        if let Some(hook) = self.on_abort.borrow_mut().take() {
+            hook();
+        }
+        if let WriterState::Ready(w) = &mut *self.state.borrow_mut() {
+            close_on_abort(w);
         }
     }
 }
 
+/// Closes what a [`WriterStream`] writes into when the stream is released without
+/// `done()`: one non-blocking shutdown attempt, so that an in-memory pipe's reader sees the
+/// end at once instead of waiting for a writer that will never write again.
+fn close_on_abort<W: AsyncWrite + Unpin>(w: &mut W) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let _ = std::pin::Pin::new(w).poll_shutdown(&mut cx);
+}
+
 impl<W: AsyncWrite + Unpin + 'static> byte_stream::Server for WriterStream<W> {
-    fn write(
-        self: Rc<Self>,
-        params: byte_stream::WriteParams,
-    ) -> impl Future<Output = Result<(), Error>> + 'static {
-        async move {
-            let data = params.get()?.get_data()?;
-            let mut w = self.take().await?;
-            match w.write_all(data).await {
-                Ok(()) => {
-                    *self.state.borrow_mut() = WriterState::Ready(w);
-                    Ok(())
-                }
-                Err(e) => Err(self.fail("writing to the connection failed", e)),
+    async fn write(self: Rc<Self>, params: byte_stream::WriteParams) -> Result<(), Error> {
+        let data = params.get()?.get_data()?;
+        let mut w = self.take().await?;
+        match w.write_all(data).await {
+            Ok(()) => {
+                *self.state.borrow_mut() = WriterState::Ready(w);
+                Ok(())
             }
+            Err(e) => Err(self.fail("writing to the connection failed", e)),
         }
     }
 
-    fn done(
+    async fn done(
         self: Rc<Self>,
         _: byte_stream::DoneParams,
         _: byte_stream::DoneResults,
-    ) -> impl Future<Output = Result<(), Error>> + 'static {
-        async move {
-            let mut w = self.take().await?;
-            let r = async {
-                w.flush().await?;
-                w.shutdown().await
+    ) -> Result<(), Error> {
+        let mut w = self.take().await?;
+        let r = async {
+            w.flush().await?;
+            w.shutdown().await
+        }
+        .await;
+        match r {
+            Ok(()) => {
+                *self.state.borrow_mut() = WriterState::Done;
+                Ok(())
             }
-            .await;
-            match r {
-                Ok(()) => {
-                    *self.state.borrow_mut() = WriterState::Done;
-                    Ok(())
-                }
-                Err(e) => Err(self.fail("closing the connection failed", e)),
-            }
+            Err(e) => Err(self.fail("closing the connection failed", e)),
         }
     }
 
@@ -195,14 +200,16 @@ pub fn write_request(
     data: &[u8],
 ) -> capnp::capability::StreamingRequest<byte_stream::write_params::Owned> {
     let words = data.len().div_ceil(8) as u64 + 8;
-    let mut req = sink.client.new_streaming_call::<byte_stream::write_params::Owned>(
-        crate::ids::BYTE_STREAM,
-        0,
-        Some(capnp::MessageSize {
-            word_count: words,
-            cap_count: 0,
-        }),
-    );
+    let mut req = sink
+        .client
+        .new_streaming_call::<byte_stream::write_params::Owned>(
+            crate::ids::BYTE_STREAM,
+            0,
+            Some(capnp::MessageSize {
+                word_count: words,
+                cap_count: 0,
+            }),
+        );
     req.get().set_data(data);
     req
 }
@@ -222,21 +229,32 @@ where
     loop {
         let n = match reader.read(&mut buf).await {
             Ok(n) => n,
-            Err(source) => return Err(PumpError::Read { bytes: total, source }),
+            Err(source) => {
+                return Err(PumpError::Read {
+                    bytes: total,
+                    source,
+                });
+            }
         };
         if n == 0 {
             sink.done_request()
                 .send()
                 .promise
                 .await
-                .map_err(|source| PumpError::Sink { bytes: total, source })?;
+                .map_err(|source| PumpError::Sink {
+                    bytes: total,
+                    source,
+                })?;
             return Ok(total);
         }
         observe(n);
         write_request(&sink, &buf[..n])
             .send()
             .await
-            .map_err(|source| PumpError::Sink { bytes: total, source })?;
+            .map_err(|source| PumpError::Sink {
+                bytes: total,
+                source,
+            })?;
         total += n as u64;
     }
 }
@@ -288,8 +306,7 @@ impl tcp_port::Server for Listener {
             tokio::task::spawn_local(async move {
                 let _ = pump(our_read, downstream, |_| ()).await;
             });
-            let upstream: byte_stream::Client =
-                capnp_rpc::new_client(WriterStream::new(our_write));
+            let upstream: byte_stream::Client = capnp_rpc::new_client(WriterStream::new(our_write));
             results.get().set_upstream(upstream);
             Ok(())
         })();

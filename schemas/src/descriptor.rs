@@ -180,7 +180,9 @@ pub fn parse(reader: powerbox_descriptor::Reader<'_>) -> Result<Requested, Descr
                 if t.has_encryption() {
                     match t.get_encryption()?.which() {
                         Ok(ip_network::powerbox_tag::encryption::Which::Tls(())) => Encryption::Tls,
-                        Ok(ip_network::powerbox_tag::encryption::Which::None(())) => Encryption::None,
+                        Ok(ip_network::powerbox_tag::encryption::Which::None(())) => {
+                            Encryption::None
+                        }
                         Err(capnp::NotInSchema(n)) => {
                             return Err(DescriptorError::Malformed(capnp::Error::failed(format!(
                                 "unknown encryption variant {n}"
@@ -194,7 +196,9 @@ pub fn parse(reader: powerbox_descriptor::Reader<'_>) -> Result<Requested, Descr
             Requested::IpNetwork { encryption }
         }
         ids::IP_INTERFACE | ids::PERSISTENT_IP_INTERFACE => Requested::IpInterface,
-        ids::IP_REMOTE_HOST => Requested::IpRemoteHost { host: meta(value)?.0 },
+        ids::IP_REMOTE_HOST => Requested::IpRemoteHost {
+            host: meta(value)?.0,
+        },
         ids::TCP_PORT => {
             let (host, port) = meta(value)?;
             Requested::TcpPort { host, port }
@@ -224,12 +228,24 @@ mod tests {
     #[test]
     fn descriptors_roundtrip() {
         for req in [
-            Requested::IpNetwork { encryption: Encryption::None },
-            Requested::IpNetwork { encryption: Encryption::Tls },
+            Requested::IpNetwork {
+                encryption: Encryption::None,
+            },
+            Requested::IpNetwork {
+                encryption: Encryption::Tls,
+            },
             Requested::IpInterface,
-            Requested::IpRemoteHost { host: Some("mail.example.test".into()) },
-            Requested::TcpPort { host: Some("smtp.example.test".into()), port: Some(587) },
-            Requested::UdpPort { host: None, port: Some(53) },
+            Requested::IpRemoteHost {
+                host: Some("mail.example.test".into()),
+            },
+            Requested::TcpPort {
+                host: Some("smtp.example.test".into()),
+                port: Some(587),
+            },
+            Requested::UdpPort {
+                host: None,
+                port: Some(53),
+            },
         ] {
             assert_eq!(roundtrip(req.clone()), req);
         }

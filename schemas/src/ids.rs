@@ -60,75 +60,101 @@ mod tests {
     use capnp::traits::HasTypeId;
 
     use super::*;
-    use crate::{
-        ip_capnp, persistent_capnp, powerbox_capnp, system_persistent_capnp, util_capnp,
-    };
+    use crate::{ip_capnp, persistent_capnp, powerbox_capnp, system_persistent_capnp, util_capnp};
 
     /// Every Sandstorm-compatible type keeps Sandstorm's type ID; a client built from
     /// Sandstorm's schema files would otherwise call methods we do not recognise.
     #[test]
     fn sandstorm_type_ids() {
-        let cases: &[(&str, u64, u64)] = &[
-            ("IpNetwork", ip_capnp::ip_network::Client::TYPE_ID, IP_NETWORK),
-            (
-                "IpNetwork.PowerboxTag",
-                ip_capnp::ip_network::powerbox_tag::Builder::TYPE_ID,
-                IP_NETWORK_POWERBOX_TAG,
-            ),
-            (
-                "IpNetwork.PowerboxTag.Encryption",
-                ip_capnp::ip_network::powerbox_tag::encryption::Builder::TYPE_ID,
-                IP_NETWORK_ENCRYPTION,
-            ),
-            ("IpInterface", ip_capnp::ip_interface::Client::TYPE_ID, IP_INTERFACE),
-            ("IpRemoteHost", ip_capnp::ip_remote_host::Client::TYPE_ID, IP_REMOTE_HOST),
-            ("TcpPort", ip_capnp::tcp_port::Client::TYPE_ID, TCP_PORT),
-            ("UdpPort", ip_capnp::udp_port::Client::TYPE_ID, UDP_PORT),
-            ("IpAddress", ip_capnp::ip_address::Builder::TYPE_ID, IP_ADDRESS),
-            (
-                "IpPortPowerboxMetadata",
-                ip_capnp::ip_port_powerbox_metadata::Builder::TYPE_ID,
-                IP_PORT_POWERBOX_METADATA,
-            ),
-            (
-                "PersistentIpNetwork",
-                ip_capnp::persistent_ip_network::Client::TYPE_ID,
-                PERSISTENT_IP_NETWORK,
-            ),
-            (
-                "PersistentIpInterface",
-                ip_capnp::persistent_ip_interface::Client::TYPE_ID,
-                PERSISTENT_IP_INTERFACE,
-            ),
-            ("ByteStream", util_capnp::byte_stream::Client::TYPE_ID, BYTE_STREAM),
-            ("Handle", util_capnp::handle::Client::TYPE_ID, HANDLE),
-            (
-                "LocalizedText",
-                util_capnp::localized_text::Builder::TYPE_ID,
-                LOCALIZED_TEXT,
-            ),
-            (
-                "SystemPersistent",
-                system_persistent_capnp::system_persistent::Client::TYPE_ID,
-                SYSTEM_PERSISTENT,
-            ),
-            (
-                "ApiTokenOwner",
-                system_persistent_capnp::api_token_owner::Builder::TYPE_ID,
-                API_TOKEN_OWNER,
-            ),
-            ("Persistent", persistent_capnp::persistent::Client::<capnp::data::Owned, capnp::any_pointer::Owned>::TYPE_ID, PERSISTENT),
-            (
-                "PowerboxDescriptor",
-                powerbox_capnp::powerbox_descriptor::Builder::TYPE_ID,
-                POWERBOX_DESCRIPTOR,
-            ),
-            (
-                "PowerboxDescriptor.Tag",
-                powerbox_capnp::powerbox_descriptor::tag::Builder::TYPE_ID,
-                POWERBOX_DESCRIPTOR_TAG,
-            ),
-        ];
+        let cases: &[(&str, u64, u64)] =
+            &[
+                (
+                    "IpNetwork",
+                    ip_capnp::ip_network::Client::TYPE_ID,
+                    IP_NETWORK,
+                ),
+                (
+                    "IpNetwork.PowerboxTag",
+                    ip_capnp::ip_network::powerbox_tag::Builder::TYPE_ID,
+                    IP_NETWORK_POWERBOX_TAG,
+                ),
+                (
+                    "IpNetwork.PowerboxTag.Encryption",
+                    ip_capnp::ip_network::powerbox_tag::encryption::Builder::TYPE_ID,
+                    IP_NETWORK_ENCRYPTION,
+                ),
+                (
+                    "IpInterface",
+                    ip_capnp::ip_interface::Client::TYPE_ID,
+                    IP_INTERFACE,
+                ),
+                (
+                    "IpRemoteHost",
+                    ip_capnp::ip_remote_host::Client::TYPE_ID,
+                    IP_REMOTE_HOST,
+                ),
+                ("TcpPort", ip_capnp::tcp_port::Client::TYPE_ID, TCP_PORT),
+                ("UdpPort", ip_capnp::udp_port::Client::TYPE_ID, UDP_PORT),
+                (
+                    "IpAddress",
+                    ip_capnp::ip_address::Builder::TYPE_ID,
+                    IP_ADDRESS,
+                ),
+                (
+                    "IpPortPowerboxMetadata",
+                    ip_capnp::ip_port_powerbox_metadata::Builder::TYPE_ID,
+                    IP_PORT_POWERBOX_METADATA,
+                ),
+                (
+                    "PersistentIpNetwork",
+                    ip_capnp::persistent_ip_network::Client::TYPE_ID,
+                    PERSISTENT_IP_NETWORK,
+                ),
+                (
+                    "PersistentIpInterface",
+                    ip_capnp::persistent_ip_interface::Client::TYPE_ID,
+                    PERSISTENT_IP_INTERFACE,
+                ),
+                (
+                    "ByteStream",
+                    util_capnp::byte_stream::Client::TYPE_ID,
+                    BYTE_STREAM,
+                ),
+                ("Handle", util_capnp::handle::Client::TYPE_ID, HANDLE),
+                (
+                    "LocalizedText",
+                    util_capnp::localized_text::Builder::TYPE_ID,
+                    LOCALIZED_TEXT,
+                ),
+                (
+                    "SystemPersistent",
+                    system_persistent_capnp::system_persistent::Client::TYPE_ID,
+                    SYSTEM_PERSISTENT,
+                ),
+                (
+                    "ApiTokenOwner",
+                    system_persistent_capnp::api_token_owner::Builder::TYPE_ID,
+                    API_TOKEN_OWNER,
+                ),
+                (
+                    "Persistent",
+                    persistent_capnp::persistent::Client::<
+                        capnp::data::Owned,
+                        capnp::any_pointer::Owned,
+                    >::TYPE_ID,
+                    PERSISTENT,
+                ),
+                (
+                    "PowerboxDescriptor",
+                    powerbox_capnp::powerbox_descriptor::Builder::TYPE_ID,
+                    POWERBOX_DESCRIPTOR,
+                ),
+                (
+                    "PowerboxDescriptor.Tag",
+                    powerbox_capnp::powerbox_descriptor::tag::Builder::TYPE_ID,
+                    POWERBOX_DESCRIPTOR_TAG,
+                ),
+            ];
         for (name, generated, expected) in cases {
             assert_eq!(
                 generated, expected,

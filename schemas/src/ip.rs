@@ -44,8 +44,14 @@ mod tests {
     #[test]
     fn halves_follow_sandstorm_bit_order() {
         let addr: IpAddr = "1:2:3:4:5:6:7:8".parse().expect("literal");
-        assert_eq!(to_halves(addr), (0x0001_0002_0003_0004, 0x0005_0006_0007_0008));
-        assert_eq!(from_halves(0x0001_0002_0003_0004, 0x0005_0006_0007_0008), addr);
+        assert_eq!(
+            to_halves(addr),
+            (0x0001_0002_0003_0004, 0x0005_0006_0007_0008)
+        );
+        assert_eq!(
+            from_halves(0x0001_0002_0003_0004, 0x0005_0006_0007_0008),
+            addr
+        );
     }
 
     /// IPv4 travels as ::ffff:a.b.c.d and comes back as IPv4.

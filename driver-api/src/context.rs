@@ -1,0 +1,251 @@
+//! What a driver gets with each request: the grant it acts for, the target, and helpers
+//! that do the security-relevant parts (resolve once, vet every address, connect only to a
+//! vetted one, report each decision).
+
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::Duration;
+
+use capnet_schemas::descriptor::Encryption;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::driver::{Connection, DriverError, Listener};
+use crate::events::{Event, EventKind};
+use crate::grant::GrantState;
+use crate::host::DriverHost;
+use crate::policy_interim::Direction;
+
+/// How long an outbound TCP connect may take before it fails.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How a grain named a host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostSpec {
+    /// A DNS name, already normalised (lower case, no trailing dot).
+    Name(String),
+    /// An address.
+    Addr(IpAddr),
+}
+
+impl std::fmt::Display for HostSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostSpec::Name(n) => f.write_str(n),
+            HostSpec::Addr(IpAddr::V6(a)) => write!(f, "[{a}]"),
+            HostSpec::Addr(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// Where a grain wants to connect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The host.
+    pub host: HostSpec,
+    /// The port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// An outbound connection request, passed to [`Driver::connect`](crate::Driver::connect).
+pub struct ConnectContext {
+    pub(crate) grant: Rc<GrantState>,
+    pub(crate) target: Target,
+}
+
+impl ConnectContext {
+    /// The grant this connection is made under.
+    pub fn grant_id(&self) -> &str {
+        &self.grant.id
+    }
+
+    /// The grain that asked.
+    pub fn grain_id(&self) -> &str {
+        &self.grant.grain
+    }
+
+    /// Where the grain wants to go.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Whether the grant asks for TLS on every connection.
+    pub fn encryption(&self) -> Encryption {
+        self.grant.encryption
+    }
+
+    /// The driver's host services.
+    pub fn host(&self) -> &DriverHost {
+        &self.grant.host
+    }
+
+    /// Reports an audit event about this connection.
+    pub fn report(&self, kind: EventKind, detail: impl Into<String>) {
+        self.grant
+            .host
+            .report(Event::new(&self.grant.id, kind, self.target.to_string()).detail(detail));
+    }
+
+    /// Resolves the target once, vets every address against the grant's policy, and
+    /// connects to the first vetted address that answers (never to an address that was not
+    /// vetted, and without a second lookup). Each decision is reported. A name whose
+    /// addresses are all refused fails as [`DriverError::NotFound`].
+    pub async fn dial(&self) -> Result<TcpStream, DriverError> {
+        self.dial_port(self.target.port).await
+    }
+
+    /// Like [`dial`](Self::dial) but to another port of the same host (protocol drivers
+    /// that map a port, for example).
+    pub async fn dial_port(&self, port: u16) -> Result<TcpStream, DriverError> {
+        let g = &self.grant;
+        let (name, addrs) = match &self.target.host {
+            HostSpec::Addr(a) => (None, vec![*a]),
+            HostSpec::Name(n) => (Some(n.as_str()), g.host.resolve(n).await?),
+        };
+        let mut vetted = Vec::new();
+        for addr in addrs {
+            let d = g.policy.decide(name, Some(addr), port, Direction::Outbound);
+            let dest = SocketAddr::new(addr, port);
+            if d.allowed {
+                vetted.push((dest, d.rule));
+            } else {
+                g.refusals.set(g.refusals.get() + 1);
+                g.host.report(
+                    Event::new(&g.id, EventKind::ConnectRefused, dest.to_string())
+                        .rule(d.rule.clone())
+                        .detail(match name {
+                            Some(n) => format!("{n} resolved to a refused address"),
+                            None => String::new(),
+                        }),
+                );
+                if vetted.is_empty() && name.is_none() {
+                    return Err(DriverError::Refused {
+                        what: format!("connect to {dest}"),
+                        rule: d.rule,
+                    });
+                }
+            }
+        }
+        if vetted.is_empty() {
+            return Err(DriverError::NotFound(self.target.host.to_string()));
+        }
+        let mut last = None;
+        for (dest, rule) in vetted {
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    g.host.report(
+                        Event::new(&g.id, EventKind::ConnectAllowed, dest.to_string())
+                            .rule(rule)
+                            .detail(name.map(|n| format!("name {n}")).unwrap_or_default()),
+                    );
+                    return Ok(stream);
+                }
+                Ok(Err(e)) => last = Some(DriverError::io(format!("connecting to {dest}"), e)),
+                Err(_) => {
+                    last = Some(DriverError::io(
+                        format!("connecting to {dest}"),
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+                        ),
+                    ))
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| DriverError::NotFound(self.target.host.to_string())))
+    }
+
+    /// Turns a dialled socket into the grain's connection, wrapping it in verified TLS when
+    /// the grant asks for `encryption = tls` (the server name is the target's host).
+    pub async fn finish_outbound(&self, stream: TcpStream) -> Result<Connection, DriverError> {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| self.target.to_string());
+        match self.grant.encryption {
+            Encryption::None => Ok(Connection::new(stream, peer)),
+            Encryption::Tls => {
+                let config = self.grant.host.tls_config()?;
+                let server_name = match &self.target.host {
+                    HostSpec::Name(n) => n.clone(),
+                    HostSpec::Addr(a) => a.to_string(),
+                };
+                let tls = crate::tls::connect(config, &server_name, stream)
+                    .await
+                    .map_err(|e| DriverError::io(format!("TLS handshake with {server_name}"), e))?;
+                Ok(Connection::new(tls, format!("{peer} (tls)")))
+            }
+        }
+    }
+}
+
+/// A listen request, passed to [`Driver::listen`](crate::Driver::listen).
+pub struct ListenContext {
+    pub(crate) grant: Rc<GrantState>,
+    pub(crate) port: u16,
+}
+
+impl ListenContext {
+    /// The grant this listener belongs to.
+    pub fn grant_id(&self) -> &str {
+        &self.grant.id
+    }
+
+    /// The port to listen on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The driver's host services.
+    pub fn host(&self) -> &DriverHost {
+        &self.grant.host
+    }
+
+    /// Binds the port on every configured listen address.
+    pub async fn bind_tcp(&self) -> Result<TcpListeners, DriverError> {
+        let mut listeners = Vec::new();
+        for addr in self.grant.host.listen_addresses() {
+            let sa = SocketAddr::new(*addr, self.port);
+            let l = TcpListener::bind(sa)
+                .await
+                .map_err(|e| DriverError::io(format!("listening on {sa}"), e))?;
+            listeners.push(l);
+        }
+        if listeners.is_empty() {
+            return Err(DriverError::Other(
+                "the driver has no listen addresses configured".into(),
+            ));
+        }
+        Ok(TcpListeners { listeners })
+    }
+}
+
+/// Plain TCP listeners on one port of several addresses.
+pub struct TcpListeners {
+    listeners: Vec<TcpListener>,
+}
+
+impl Listener for TcpListeners {
+    fn accept(&mut self) -> futures::future::LocalBoxFuture<'_, std::io::Result<Connection>> {
+        Box::pin(async move {
+            let futs = self.listeners.iter().map(|l| Box::pin(l.accept()));
+            let (res, _, _) = futures::future::select_all(futs).await;
+            let (stream, peer) = res?;
+            let _ = stream.set_nodelay(true);
+            Ok(Connection::new(stream, peer.to_string()))
+        })
+    }
+
+    fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+}

@@ -1,0 +1,181 @@
+//! The driver side of one grant: its policy, limits, live connections and listeners, and
+//! revocation.
+//!
+//! Every object derived from a grant (network, remote host, port, connection, listener)
+//! holds the grant's state. Revoking the grant (an explicit `revoke` or the supervisor
+//! releasing the session) closes every connection and listener at once and makes every
+//! later call fail with a `revoked:` error.
+
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
+use std::time::Instant;
+
+use capnet_schemas::descriptor::Encryption;
+use capnet_schemas::policy_capnp::limits;
+
+use crate::conn::ConnShared;
+use crate::host::DriverHost;
+use crate::listen::ListenerShared;
+use crate::policy_interim::Policy;
+use crate::servers::DynDriver;
+
+/// Per-grant limits (zero means unlimited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrantLimits {
+    /// Concurrent connections.
+    pub max_connections: u32,
+    /// New connections per second.
+    pub connections_per_second: u32,
+    /// Bytes per second in each direction.
+    pub bytes_per_second: u64,
+    /// UDP datagrams per second.
+    pub udp_packets_per_second: u32,
+    /// Largest UDP datagram.
+    pub udp_max_packet_size: u32,
+    /// Concurrent listeners.
+    pub max_listeners: u32,
+}
+
+impl GrantLimits {
+    pub(crate) fn read(r: limits::Reader<'_>) -> Self {
+        Self {
+            max_connections: r.get_max_connections(),
+            connections_per_second: r.get_connections_per_second(),
+            bytes_per_second: r.get_bytes_per_second(),
+            udp_packets_per_second: r.get_udp_packets_per_second(),
+            udp_max_packet_size: r.get_udp_max_packet_size(),
+            max_listeners: r.get_max_listeners(),
+        }
+    }
+}
+
+pub(crate) struct GrantState {
+    pub(crate) id: String,
+    pub(crate) grain: String,
+    pub(crate) encryption: Encryption,
+    pub(crate) policy: Policy,
+    pub(crate) limits: GrantLimits,
+    pub(crate) host: DriverHost,
+    pub(crate) driver: Rc<dyn DynDriver>,
+    revoked: RefCell<Option<String>>,
+    conns: RefCell<Vec<Weak<ConnShared>>>,
+    listeners: RefCell<Vec<Weak<ListenerShared>>>,
+    pub(crate) bytes_in: Cell<u64>,
+    pub(crate) bytes_out: Cell<u64>,
+    pub(crate) open_connections: Cell<u32>,
+    pub(crate) open_listeners: Cell<u32>,
+    pub(crate) connections_total: Cell<u64>,
+    pub(crate) refusals: Cell<u64>,
+    rate_window: Cell<(Instant, u32)>,
+}
+
+impl GrantState {
+    pub(crate) fn new(
+        id: String,
+        grain: String,
+        encryption: Encryption,
+        policy: Policy,
+        limits: GrantLimits,
+        host: DriverHost,
+        driver: Rc<dyn DynDriver>,
+    ) -> Rc<Self> {
+        host.state.grants.set(host.state.grants.get() + 1);
+        Rc::new(Self {
+            id,
+            grain,
+            encryption,
+            policy,
+            limits,
+            host,
+            driver,
+            revoked: RefCell::new(None),
+            conns: RefCell::new(Vec::new()),
+            listeners: RefCell::new(Vec::new()),
+            bytes_in: Cell::new(0),
+            bytes_out: Cell::new(0),
+            open_connections: Cell::new(0),
+            open_listeners: Cell::new(0),
+            connections_total: Cell::new(0),
+            refusals: Cell::new(0),
+            rate_window: Cell::new((Instant::now(), 0)),
+        })
+    }
+
+    /// Fails with a `revoked:` error once the grant is revoked.
+    pub(crate) fn check_live(&self) -> Result<(), capnp::Error> {
+        match &*self.revoked.borrow() {
+            Some(reason) => Err(capnp::Error::failed(format!(
+                "revoked: grant {} was revoked ({reason})",
+                self.id
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.revoked.borrow().is_some()
+    }
+
+    /// Closes everything and refuses every later call.
+    pub(crate) fn revoke(&self, reason: &str) {
+        if self.revoked.borrow().is_some() {
+            return;
+        }
+        *self.revoked.borrow_mut() = Some(reason.to_string());
+        let conns = std::mem::take(&mut *self.conns.borrow_mut());
+        for c in conns.iter().filter_map(Weak::upgrade) {
+            c.kill(&format!("revoked: {reason}"));
+        }
+        let listeners = std::mem::take(&mut *self.listeners.borrow_mut());
+        for l in listeners.iter().filter_map(Weak::upgrade) {
+            l.stop("revoked");
+        }
+    }
+
+    pub(crate) fn register_conn(&self, c: &Rc<ConnShared>) {
+        let mut conns = self.conns.borrow_mut();
+        conns.retain(|w| w.strong_count() > 0);
+        conns.push(Rc::downgrade(c));
+    }
+
+    pub(crate) fn register_listener(&self, l: &Rc<ListenerShared>) {
+        let mut ls = self.listeners.borrow_mut();
+        ls.retain(|w| w.strong_count() > 0);
+        ls.push(Rc::downgrade(l));
+    }
+
+    /// Checks the connection limits before a new connection; counts it if allowed.
+    pub(crate) fn admit_connection(&self) -> Result<(), String> {
+        let l = &self.limits;
+        if l.max_connections > 0 && self.open_connections.get() >= l.max_connections {
+            return Err(format!(
+                "the grant allows at most {} concurrent connections",
+                l.max_connections
+            ));
+        }
+        if l.connections_per_second > 0 {
+            let (start, count) = self.rate_window.get();
+            let now = Instant::now();
+            let (start, count) = if now.duration_since(start).as_secs_f64() >= 1.0 {
+                (now, 0)
+            } else {
+                (start, count)
+            };
+            if count >= l.connections_per_second {
+                return Err(format!(
+                    "the grant allows at most {} new connections per second",
+                    l.connections_per_second
+                ));
+            }
+            self.rate_window.set((start, count + 1));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GrantState {
+    fn drop(&mut self) {
+        let s = &self.host.state;
+        s.grants.set(s.grants.get().saturating_sub(1));
+    }
+}

@@ -1,0 +1,179 @@
+//! What the plugin gets from driver-api at start: its name, its approved privileges, its
+//! listen addresses, name resolution, TLS, and the audit event reporter.
+
+use std::cell::{Cell, OnceCell};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Deserialize;
+
+use crate::driver::DriverError;
+use crate::events::{Event, EventReporter};
+use crate::manifest::Privileges;
+
+/// Keys of `[drivers.NAME.options]` that driver-api handles for every driver; the rest is
+/// given to the driver's own `Options` type.
+pub const STANDARD_OPTION_KEYS: &[&str] =
+    &["nameservers", "static_hosts", "extra_ca_files", "system_ca"];
+
+/// Options every driver accepts in `[drivers.NAME.options]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandardOptions {
+    /// DNS servers to ask instead of those in `/etc/resolv.conf`, as `address:port`.
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+    /// Fixed answers for host names, consulted before DNS (like `/etc/hosts`).
+    #[serde(default)]
+    pub static_hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// Extra PEM files of CA certificates to trust for TLS.
+    #[serde(default)]
+    pub extra_ca_files: Vec<PathBuf>,
+    /// Whether to trust the system CA certificates (default true).
+    #[serde(default = "yes")]
+    pub system_ca: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for StandardOptions {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            static_hosts: BTreeMap::new(),
+            extra_ca_files: Vec::new(),
+            system_ca: true,
+        }
+    }
+}
+
+/// Splits the administrator's options table into the standard part and the driver's part.
+pub fn split_options(toml_text: &str) -> Result<(StandardOptions, toml::Table), DriverError> {
+    let mut table: toml::Table = toml::from_str(toml_text)
+        .map_err(|e| DriverError::Options(format!("options are not valid TOML: {e}")))?;
+    let mut standard = toml::Table::new();
+    for key in STANDARD_OPTION_KEYS {
+        if let Some(v) = table.remove(*key) {
+            standard.insert((*key).to_string(), v);
+        }
+    }
+    let standard: StandardOptions = standard
+        .try_into()
+        .map_err(|e| DriverError::Options(format!("standard options: {e}")))?;
+    Ok((standard, table))
+}
+
+pub(crate) struct HostState {
+    pub(crate) name: String,
+    pub(crate) privileges: Privileges,
+    pub(crate) listen_addresses: Vec<IpAddr>,
+    pub(crate) options: StandardOptions,
+    pub(crate) events: EventReporter,
+    pub(crate) started: Instant,
+    pub(crate) open_connections: Cell<u32>,
+    pub(crate) open_listeners: Cell<u32>,
+    pub(crate) grants: Cell<u32>,
+    tls: OnceCell<Arc<rustls::ClientConfig>>,
+}
+
+/// The driver's view of its host. Cheap to clone.
+#[derive(Clone)]
+pub struct DriverHost {
+    pub(crate) state: Rc<HostState>,
+}
+
+impl DriverHost {
+    pub(crate) fn new(
+        name: String,
+        privileges: Privileges,
+        listen_addresses: Vec<IpAddr>,
+        options: StandardOptions,
+        events: EventReporter,
+    ) -> Self {
+        Self {
+            state: Rc::new(HostState {
+                name,
+                privileges,
+                listen_addresses,
+                options,
+                events,
+                started: Instant::now(),
+                open_connections: Cell::new(0),
+                open_listeners: Cell::new(0),
+                grants: Cell::new(0),
+                tls: OnceCell::new(),
+            }),
+        }
+    }
+
+    /// The administrator's name for this driver instance.
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// The privileges the administrator approved. Never use others.
+    pub fn privileges(&self) -> Privileges {
+        self.state.privileges
+    }
+
+    /// Addresses that listeners bind to.
+    pub fn listen_addresses(&self) -> &[IpAddr] {
+        &self.state.listen_addresses
+    }
+
+    /// The standard options (resolver, CA files).
+    pub fn standard_options(&self) -> &StandardOptions {
+        &self.state.options
+    }
+
+    /// Reports an audit event.
+    pub fn report(&self, event: Event) {
+        self.state.events.report(event);
+    }
+
+    /// The TLS client configuration (system CAs plus `extra_ca_files`), built on first use.
+    pub fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, DriverError> {
+        if let Some(c) = self.state.tls.get() {
+            return Ok(c.clone());
+        }
+        let o = &self.state.options;
+        let config = crate::tls::client_config(o.system_ca, &o.extra_ca_files)
+            .map_err(|e| DriverError::Other(e.to_string()))?;
+        let _ = self.state.tls.set(config.clone());
+        Ok(config)
+    }
+
+    /// Resolves `name` to addresses: static hosts first, then DNS. The result is not vetted;
+    /// use [`ConnectContext::dial`](crate::ConnectContext::dial) or the policy module to vet.
+    pub async fn resolve(&self, name: &str) -> Result<Vec<IpAddr>, DriverError> {
+        let key = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(addrs) = self.state.options.static_hosts.get(&key) {
+            return Ok(addrs.clone());
+        }
+        if !self.state.privileges.dns {
+            return Err(DriverError::Refused {
+                what: format!("resolving {name}"),
+                rule: "the driver was not approved for DNS".into(),
+            });
+        }
+        let addrs = tokio::net::lookup_host((key.as_str(), 0))
+            .await
+            .map_err(|_| DriverError::NotFound(name.to_string()))?;
+        let mut out: Vec<IpAddr> = Vec::new();
+        for a in addrs {
+            if !out.contains(&a.ip()) {
+                out.push(a.ip());
+            }
+        }
+        if out.is_empty() {
+            return Err(DriverError::NotFound(name.to_string()));
+        }
+        Ok(out)
+    }
+}
