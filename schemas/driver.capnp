@@ -55,6 +55,14 @@ struct GrantSpec {
   }
   policy @3 :Policy.Policy;
   limits @4 :Policy.Limits;
+
+  scopeHost @5 :Text;
+  # For grants narrower than IpNetwork: the only host reachable (a name or a textual IP
+  # address, compared after normalisation). Empty means any host. The scope only narrows:
+  # the policy still vets every address the host resolves to.
+
+  scopePort @6 :UInt16;
+  # For TcpPort and UdpPort grants: the only port reachable. Zero means any port.
 }
 
 struct Health {

@@ -49,6 +49,47 @@ impl GrantLimits {
     }
 }
 
+/// What a narrow grant may reach at most (empty/zero: anything the policy allows).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Scope {
+    pub(crate) host: Option<crate::context::HostSpec>,
+    pub(crate) port: u16,
+}
+
+impl Scope {
+    pub(crate) fn check_host(
+        &self,
+        grant: &str,
+        h: &crate::context::HostSpec,
+    ) -> Result<(), capnp::Error> {
+        match &self.host {
+            Some(only) if only != h => Err(capnp::Error::failed(format!(
+                "refused: grant {grant} reaches only host {only}, not {h}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn check_port(&self, grant: &str, port: u16) -> Result<(), capnp::Error> {
+        if self.port != 0 && self.port != port {
+            return Err(capnp::Error::failed(format!(
+                "refused: grant {grant} reaches only port {}, not {port}",
+                self.port
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What a grant is, as the supervisor's `GrantSpec` says.
+pub(crate) struct GrantTerms {
+    pub(crate) id: String,
+    pub(crate) grain: String,
+    pub(crate) encryption: Encryption,
+    pub(crate) limits: GrantLimits,
+    pub(crate) scope: Scope,
+}
+
 pub(crate) struct GrantState {
     pub(crate) id: String,
     pub(crate) grain: String,
@@ -57,6 +98,7 @@ pub(crate) struct GrantState {
     pub(crate) limits: GrantLimits,
     pub(crate) host: DriverHost,
     pub(crate) driver: Rc<dyn DynDriver>,
+    pub(crate) scope: Scope,
     revoked: RefCell<Option<String>>,
     conns: RefCell<Vec<Weak<ConnShared>>>,
     listeners: RefCell<Vec<Weak<ListenerShared>>>,
@@ -71,14 +113,18 @@ pub(crate) struct GrantState {
 
 impl GrantState {
     pub(crate) fn new(
-        id: String,
-        grain: String,
-        encryption: Encryption,
+        terms: GrantTerms,
         policy: Policy,
-        limits: GrantLimits,
         host: DriverHost,
         driver: Rc<dyn DynDriver>,
     ) -> Rc<Self> {
+        let GrantTerms {
+            id,
+            grain,
+            encryption,
+            limits,
+            scope,
+        } = terms;
         host.state.grants.set(host.state.grants.get() + 1);
         Rc::new(Self {
             id,
@@ -88,6 +134,7 @@ impl GrantState {
             limits,
             host,
             driver,
+            scope,
             revoked: RefCell::new(None),
             conns: RefCell::new(Vec::new()),
             listeners: RefCell::new(Vec::new()),

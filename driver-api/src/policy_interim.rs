@@ -305,3 +305,46 @@ pub fn write_rules(rules: &[RuleConfig], b: policy::Builder<'_>) -> Result<(), S
     }
     Ok(())
 }
+
+impl RuleConfig {
+    /// Reads a capnp rule back into its configuration form.
+    pub fn read(r: rule::Reader<'_>) -> capnp::Result<Self> {
+        let mut hosts = Vec::new();
+        for h in r.get_hosts()? {
+            hosts.push(h?.to_string()?);
+        }
+        let mut cidrs = Vec::new();
+        for c in r.get_cidrs()? {
+            cidrs.push(c?.to_string()?);
+        }
+        let ports = r
+            .get_ports()?
+            .iter()
+            .map(|p| {
+                if p.get_first() == p.get_last() {
+                    p.get_first().to_string()
+                } else {
+                    format!("{}-{}", p.get_first(), p.get_last())
+                }
+            })
+            .collect();
+        Ok(Self {
+            action: match r.get_action()? {
+                rule::Action::Allow => "allow".into(),
+                rule::Action::Deny => "deny".into(),
+            },
+            hosts,
+            cidrs,
+            ports,
+            direction: Some(
+                match r.get_direction()? {
+                    rule::Direction::Outbound => "outbound",
+                    rule::Direction::Inbound => "inbound",
+                    rule::Direction::Both => "both",
+                }
+                .into(),
+            ),
+            label: r.get_label()?.to_string()?,
+        })
+    }
+}

@@ -22,7 +22,7 @@ use crate::conn::ConnShared;
 use crate::context::{ConnectContext, HostSpec, ListenContext, Target};
 use crate::driver::{Connection, Driver, DriverError, Listener};
 use crate::events::{Event, EventKind, EventReporter};
-use crate::grant::{GrantLimits, GrantState};
+use crate::grant::{GrantLimits, GrantState, GrantTerms};
 use crate::host::{DriverHost, split_options};
 use crate::listen::{ListenHandleImpl, ListenerShared};
 use crate::manifest::Privileges;
@@ -167,12 +167,24 @@ impl<D: Driver> driver::Server for DriverImpl<D> {
                 grant_spec::Encryption::None => Encryption::None,
                 grant_spec::Encryption::Tls => Encryption::Tls,
             };
+            let scope_host = spec.get_scope_host()?.to_str()?;
+            let scope = crate::grant::Scope {
+                host: if scope_host.is_empty() {
+                    None
+                } else {
+                    Some(parse_host(scope_host)?)
+                },
+                port: spec.get_scope_port(),
+            };
             let grant = GrantState::new(
-                spec.get_grant_id()?.to_str()?.to_string(),
-                spec.get_grain_id()?.to_str()?.to_string(),
-                encryption,
+                GrantTerms {
+                    id: spec.get_grant_id()?.to_str()?.to_string(),
+                    grain: spec.get_grain_id()?.to_str()?.to_string(),
+                    encryption,
+                    limits: GrantLimits::read(spec.get_limits()?),
+                    scope,
+                },
                 policy,
-                GrantLimits::read(spec.get_limits()?),
                 s.host.clone(),
                 s.driver.clone(),
             );
@@ -305,6 +317,7 @@ pub(crate) struct NetworkImpl {
 impl NetworkImpl {
     fn host(&self, spec: HostSpec) -> Result<ip_remote_host::Client, Error> {
         self.grant.check_live()?;
+        self.grant.scope.check_host(&self.grant.id, &spec)?;
         Ok(capnp_rpc::new_client(RemoteHostImpl {
             grant: self.grant.clone(),
             host: spec,
@@ -361,6 +374,7 @@ impl ip_remote_host::Server for RemoteHostImpl {
             if port == 0 {
                 return Err(Error::failed("port 0 is not a valid destination".into()));
             }
+            self.grant.scope.check_port(&self.grant.id, port)?;
             let p: tcp_port::Client = capnp_rpc::new_client(TcpPortImpl {
                 grant: self.grant.clone(),
                 target: Target {

@@ -85,6 +85,10 @@ pub struct GrantConfig {
     pub rules: Vec<RuleConfig>,
     /// Limits.
     pub limits: crate::GrantLimits,
+    /// The only host reachable (narrow grants).
+    pub scope_host: Option<String>,
+    /// The only port reachable (narrow grants).
+    pub scope_port: u16,
 }
 
 /// A driver running in-process.
@@ -171,6 +175,8 @@ impl Harness {
                 grant_spec::Encryption::None
             });
             write_rules(&grant.rules, s.reborrow().init_policy()).map_err(capnp::Error::failed)?;
+            s.set_scope_host(grant.scope_host.as_deref().unwrap_or(""));
+            s.set_scope_port(grant.scope_port);
             let l = grant.limits;
             let mut lb = s.init_limits();
             lb.set_max_connections(l.max_connections);

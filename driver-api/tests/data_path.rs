@@ -266,3 +266,41 @@ fn odd_address_encodings_are_refused() {
         }
     });
 }
+
+/// A grant scoped to one host and port cannot be used to reach another port or host, even
+/// where the policy would allow it.
+#[test]
+fn scoped_grant_reaches_only_its_host_and_port() {
+    run(async {
+        let addr = echo_server().await;
+        let other = echo_server().await;
+        let h = Harness::start::<Plain>(HarnessConfig::default())
+            .await
+            .expect("start");
+        let grant = h
+            .open_grant(GrantConfig {
+                scope_host: Some("127.0.0.1".into()),
+                scope_port: addr.port(),
+                ..Default::default()
+            })
+            .await
+            .expect("grant");
+        let net = grant.network().await.expect("network");
+        let ok = port_to(&net, "127.0.0.1", addr.port()).await;
+        let mut s = bytestream::connect(&ok).await.expect("granted port");
+        s.write_all(b"x").await.expect("w");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.expect("r");
+
+        let wrong_port = port_to(&net, "127.0.0.1", other.port()).await;
+        let err = bytestream::connect(&wrong_port)
+            .await
+            .expect_err("other port");
+        assert!(err.to_string().contains("reaches only port"), "{err}");
+        let wrong_host = port_to(&net, "localhost", addr.port()).await;
+        let err = bytestream::connect(&wrong_host)
+            .await
+            .expect_err("other host");
+        assert!(err.to_string().contains("reaches only host"), "{err}");
+    });
+}

@@ -71,6 +71,7 @@ schema_module!(
 
 pub mod bytestream;
 pub mod descriptor;
+pub mod grain;
 pub mod ids;
 pub mod ip;
 pub mod rpc;

@@ -1,0 +1,430 @@
+//! The administrator's API on a root-only Unix socket.
+//!
+//! The socket file is created mode 0600 in a directory the daemon owns, and every
+//! connection is checked with `SO_PEERCRED`: only root (or the daemon's own user, for a
+//! daemon run unprivileged in development) may connect.
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use capnet_driver_api::GrantLimits;
+use capnet_driver_api::policy_interim::RuleConfig;
+use capnet_schemas::admin_capnp::{admin, grain_info, powerbox_request};
+use capnet_schemas::rpc::two_party;
+use capnp::Error;
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use tokio::net::UnixListener;
+use tokio::sync::Notify;
+
+use crate::audit::{Audit, AuditRecord};
+use crate::drivers::DriverManager;
+use crate::grains::{GrainInfo, GrainManager, GrainState, StartSpec};
+use crate::grants::{GrantKind, GrantTable, NewGrant};
+use crate::powerbox::{Answer, Powerbox, RequestInfo, describe};
+
+/// Binding the admin socket failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminSocketError {
+    /// Another daemon answers on the socket.
+    #[error("another capnetd is already listening on {0}; stop it or choose another admin_socket")]
+    InUse(PathBuf),
+    /// Creating or binding failed.
+    #[error("cannot create the admin socket {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the admin socket (mode 0600), replacing a stale socket file.
+pub fn bind(path: &Path) -> Result<UnixListener, AdminSocketError> {
+    use std::os::unix::fs::PermissionsExt;
+    let bind_err = |source| AdminSocketError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AdminSocketError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    // Permissions are tightened right after bind; every connection's peer credentials are
+    // checked as well, so the moment in between grants nothing.
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Accepts administrators until the listener fails.
+pub async fn serve(listener: UnixListener, admin: admin::Client) {
+    let me = nix::unistd::geteuid().as_raw();
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match stream.peer_cred() {
+            Ok(c) if c.uid() == 0 || c.uid() == me => {}
+            Ok(c) => {
+                tracing::warn!(
+                    uid = c.uid(),
+                    "refused an admin connection from a non-root user"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read admin peer credentials");
+                continue;
+            }
+        }
+        let rpc = two_party(stream, Side::Server, Some(admin.clone().client));
+        tokio::task::spawn_local(async move {
+            let _ = rpc.await;
+        });
+    }
+}
+
+/// The `Admin` capability.
+pub struct AdminImpl {
+    /// Grains.
+    pub grains: GrainManager,
+    /// Drivers.
+    pub drivers: DriverManager,
+    /// Grants.
+    pub grants: GrantTable,
+    /// Pending requests.
+    pub powerbox: Powerbox,
+    /// Audit trail.
+    pub audit: Audit,
+    /// Default stop grace period.
+    pub stop_grace: Duration,
+    /// Notified when an administrator asks the daemon to shut down.
+    pub shutdown: Rc<Notify>,
+}
+
+fn err(e: impl std::fmt::Display) -> Error {
+    Error::failed(e.to_string())
+}
+
+fn write_grain(mut b: grain_info::Builder<'_>, g: &GrainInfo) {
+    b.set_id(&g.id);
+    b.set_state(match g.state {
+        GrainState::Starting => grain_info::State::Starting,
+        GrainState::Running => grain_info::State::Running,
+        GrainState::Stopping => grain_info::State::Stopping,
+        GrainState::Exited => grain_info::State::Exited,
+    });
+    b.set_pid(g.pid);
+    b.set_started_at_ms(g.started_ms);
+    b.set_exit_status(g.exit_status);
+    b.set_exit_reason(&g.exit_reason);
+    let mut c = b.init_command(g.command.len() as u32);
+    for (i, a) in g.command.iter().enumerate() {
+        c.set(i as u32, a);
+    }
+}
+
+fn write_request(mut b: powerbox_request::Builder<'_>, r: &RequestInfo) {
+    b.set_id(r.id);
+    b.set_grain_id(&r.grain);
+    b.set_interface_id(r.requested.interface_id());
+    b.set_interface_name(r.requested.interface_name());
+    b.set_label(&r.label);
+    b.set_age_ms(r.age.as_millis() as u64);
+    b.set_preferred_host(r.requested.host().unwrap_or(""));
+    b.set_preferred_port(r.requested.port().unwrap_or(0));
+    if let capnet_schemas::descriptor::Requested::IpNetwork { encryption } = &r.requested {
+        b.set_encryption(encryption.to_string());
+    }
+}
+
+impl admin::Server for AdminImpl {
+    async fn start_grain(
+        self: Rc<Self>,
+        params: admin::StartGrainParams,
+        mut results: admin::StartGrainResults,
+    ) -> Result<(), Error> {
+        let spec = params.get()?.get_spec()?;
+        let name = spec.get_name()?.to_str()?;
+        let id = spec.get_id()?.to_str()?;
+        let mut command = Vec::new();
+        for a in spec.get_command()? {
+            command.push(a?.to_string()?);
+        }
+        let mut env = Vec::new();
+        for kv in spec.get_env()? {
+            env.push((kv.get_key()?.to_string()?, kv.get_value()?.to_string()?));
+        }
+        let info = self
+            .grains
+            .start(StartSpec {
+                name: (!name.is_empty()).then(|| name.to_string()),
+                id: (!id.is_empty()).then(|| id.to_string()),
+                command,
+                env,
+            })
+            .map_err(err)?;
+        write_grain(results.get().init_grain(), &info);
+        Ok(())
+    }
+
+    async fn stop_grain(
+        self: Rc<Self>,
+        params: admin::StopGrainParams,
+        mut results: admin::StopGrainResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let id = p.get_grain_id()?.to_str()?.to_string();
+        let grace = match p.get_grace_ms() {
+            0 => self.stop_grace,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        let info = self.grains.stop(&id, grace).await.map_err(err)?;
+        write_grain(results.get().init_grain(), &info);
+        Ok(())
+    }
+
+    async fn list_grains(
+        self: Rc<Self>,
+        _: admin::ListGrainsParams,
+        mut results: admin::ListGrainsResults,
+    ) -> Result<(), Error> {
+        let list = self.grains.list();
+        let mut l = results.get().init_grains(list.len() as u32);
+        for (i, g) in list.iter().enumerate() {
+            write_grain(l.reborrow().get(i as u32), g);
+        }
+        Ok(())
+    }
+
+    async fn grain_status(
+        self: Rc<Self>,
+        params: admin::GrainStatusParams,
+        mut results: admin::GrainStatusResults,
+    ) -> Result<(), Error> {
+        let id = params.get()?.get_grain_id()?.to_str()?;
+        let info = self.grains.status(id).map_err(err)?;
+        write_grain(results.get().init_grain(), &info);
+        Ok(())
+    }
+
+    async fn grain_logs(
+        self: Rc<Self>,
+        params: admin::GrainLogsParams,
+        mut results: admin::GrainLogsResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let id = p.get_grain_id()?.to_str()?;
+        let max = match p.get_max_bytes() {
+            0 => 64 * 1024,
+            n => n.min(16 << 20),
+        };
+        let log = self.grains.logs(id, max).map_err(err)?;
+        results.get().set_log(&log);
+        Ok(())
+    }
+
+    async fn list_requests(
+        self: Rc<Self>,
+        _: admin::ListRequestsParams,
+        mut results: admin::ListRequestsResults,
+    ) -> Result<(), Error> {
+        let list = self.powerbox.list();
+        let mut l = results.get().init_requests(list.len() as u32);
+        for (i, r) in list.iter().enumerate() {
+            write_request(l.reborrow().get(i as u32), r);
+        }
+        Ok(())
+    }
+
+    async fn grant(
+        self: Rc<Self>,
+        params: admin::GrantParams,
+        mut results: admin::GrantResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let request_id = p.get_request_id();
+        let driver = p.get_driver()?.to_str()?.to_string();
+        let c = p.get_constraints()?;
+        if !self.drivers.exists(&driver) {
+            return Err(Error::failed(format!(
+                "no driver named {driver:?} is configured; see `capnet driver list`"
+            )));
+        }
+        let mut rules = Vec::new();
+        for r in c.get_rules()? {
+            rules.push(RuleConfig::read(r)?);
+        }
+        let l = c.get_limits()?;
+        let limits = GrantLimits {
+            max_connections: l.get_max_connections(),
+            connections_per_second: l.get_connections_per_second(),
+            bytes_per_second: l.get_bytes_per_second(),
+            udp_packets_per_second: l.get_udp_packets_per_second(),
+            udp_max_packet_size: l.get_udp_max_packet_size(),
+            max_listeners: l.get_max_listeners(),
+        };
+        let host = c.get_host()?.to_str()?;
+        let port = c.get_port();
+        let pending = self
+            .powerbox
+            .list()
+            .into_iter()
+            .find(|r| r.id == request_id)
+            .ok_or_else(|| {
+                Error::failed(format!(
+                    "no pending request {request_id}; see `capnet powerbox list`"
+                ))
+            })?;
+        let kind = GrantKind::for_request(
+            &pending.requested,
+            (!host.is_empty()).then_some(host),
+            (port != 0).then_some(port),
+        )
+        .map_err(Error::failed)?;
+        let taken = self
+            .powerbox
+            .take(request_id)
+            .ok_or_else(|| Error::failed(format!("request {request_id} is no longer pending")))?;
+        let grant = self.grants.create(NewGrant {
+            grain: taken.info.grain.clone(),
+            driver: driver.clone(),
+            kind: kind.clone(),
+            label: taken.info.label.clone(),
+            rules,
+            limits,
+        });
+        let id = grant.id.clone();
+        if taken.answer(Answer::Granted(grant)).is_err() {
+            self.grants.remove(&id);
+            return Err(Error::failed(format!(
+                "grain {} stopped waiting for request {request_id}",
+                pending.grain
+            )));
+        }
+        self.audit.record(
+            AuditRecord::new("grant")
+                .grain(&pending.grain)
+                .grant(&id)
+                .driver(&driver)
+                .detail(format!(
+                    "request {request_id}: {} (asked for {})",
+                    kind.describe(),
+                    describe(&pending.requested)
+                )),
+        );
+        results.get().set_grant_id(&id);
+        Ok(())
+    }
+
+    async fn deny(
+        self: Rc<Self>,
+        params: admin::DenyParams,
+        _: admin::DenyResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let id = p.get_request_id();
+        let reason = p.get_reason()?.to_str()?.to_string();
+        let taken = self.powerbox.take(id).ok_or_else(|| {
+            Error::failed(format!(
+                "no pending request {id}; see `capnet powerbox list`"
+            ))
+        })?;
+        let grain = taken.info.grain.clone();
+        let what = describe(&taken.info.requested);
+        let _ = taken.answer(Answer::Denied(reason.clone()));
+        self.audit.record(
+            AuditRecord::new("deny")
+                .grain(&grain)
+                .detail(format!("request {id}: {what}: {reason}")),
+        );
+        Ok(())
+    }
+
+    async fn list_drivers(
+        self: Rc<Self>,
+        _: admin::ListDriversParams,
+        mut results: admin::ListDriversResults,
+    ) -> Result<(), Error> {
+        let list = self.drivers.list();
+        let grants = self.grants.list();
+        let mut l = results.get().init_drivers(list.len() as u32);
+        for (i, d) in list.iter().enumerate() {
+            let mut b = l.reborrow().get(i as u32);
+            b.set_name(&d.name);
+            b.set_state(d.state);
+            b.set_pid(d.pid);
+            b.set_plugin(d.plugin.to_string_lossy().as_ref());
+            b.set_version(&d.version);
+            b.set_restarts(d.restarts);
+            b.set_uptime_ms(d.uptime.as_millis() as u64);
+            b.set_last_error(&d.last_error);
+            let mine = grants
+                .iter()
+                .filter(|g| g.driver == d.name && !g.is_revoked());
+            let (n, open) = mine.fold((0u32, 0u32), |(n, o), g| {
+                (n + 1, o + g.open_connections.get())
+            });
+            b.set_grants(n);
+            b.set_open_connections(open);
+        }
+        Ok(())
+    }
+
+    async fn wait_for_request(
+        self: Rc<Self>,
+        params: admin::WaitForRequestParams,
+        mut results: admin::WaitForRequestResults,
+    ) -> Result<(), Error> {
+        let ms = params.get()?.get_timeout_ms();
+        match self
+            .powerbox
+            .wait(Duration::from_millis(u64::from(ms)))
+            .await
+        {
+            Some(r) => {
+                let mut res = results.get();
+                res.set_found(true);
+                write_request(res.init_request(), &r);
+            }
+            None => results.get().set_found(false),
+        }
+        Ok(())
+    }
+
+    async fn wait_grain(
+        self: Rc<Self>,
+        params: admin::WaitGrainParams,
+        mut results: admin::WaitGrainResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let id = p.get_grain_id()?.to_str()?.to_string();
+        let timeout = Duration::from_millis(u64::from(p.get_timeout_ms()));
+        let (info, exited) = self.grains.wait(&id, timeout).await.map_err(err)?;
+        let mut r = results.get();
+        r.set_exited(exited);
+        write_grain(r.init_grain(), &info);
+        Ok(())
+    }
+
+    async fn shutdown(
+        self: Rc<Self>,
+        _: admin::ShutdownParams,
+        _: admin::ShutdownResults,
+    ) -> Result<(), Error> {
+        self.audit.record(AuditRecord::new("shutdown_requested"));
+        self.shutdown.notify_one();
+        Ok(())
+    }
+}

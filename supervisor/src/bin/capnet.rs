@@ -1,0 +1,5 @@
+//! `capnet`: the administrator's command line (see `capnet_supervisor::cli`).
+
+fn main() {
+    std::process::exit(capnet_supervisor::cli::main());
+}

@@ -1,0 +1,333 @@
+//! The administrator's TOML configuration.
+//!
+//! One file (by default `/etc/capnet/capnet.toml`) describes the daemon, the approved
+//! drivers and the grains. Errors name the file, the line and column, and what was
+//! expected. Relative paths are resolved against the file's directory, except plugin
+//! paths, which are resolved against `daemon.plugin_dir` (by default the directory that
+//! holds the `capnetd` executable, where `cargo build` puts the shipped drivers).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use capnet_driver_api::Privileges;
+use capnet_driver_api::policy_interim::RuleConfig;
+use serde::Deserialize;
+
+/// Loading the configuration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or does not match the expected shape.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column of the error.
+        column: usize,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+    /// A value is well-formed TOML but not acceptable.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Daemon settings.
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    /// Approved drivers, by instance name.
+    #[serde(default)]
+    pub drivers: BTreeMap<String, DriverConfig>,
+    /// Grains, by id.
+    #[serde(default)]
+    pub grains: BTreeMap<String, GrainConfig>,
+    /// The file this was read from (set by [`Config::load`]).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// `[daemon]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Where state lives (grain data, logs, the database).
+    pub state_dir: PathBuf,
+    /// The administrator's Unix socket. Default `<state_dir>/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
+    /// Where relative plugin paths are looked up. Default: the directory of `capnetd`.
+    pub plugin_dir: Option<PathBuf>,
+    /// The driver host executable. Default: `capnet-driver-host` beside `capnetd`.
+    pub driver_host: Option<PathBuf>,
+    /// How long a powerbox request waits for an answer before it fails, in seconds.
+    pub request_timeout_secs: u64,
+    /// Grace period between SIGTERM and SIGKILL when stopping a grain, in milliseconds.
+    pub stop_grace_ms: u64,
+    /// Restarts of a crashing driver allowed within `crash_window_secs` before it is
+    /// marked failed.
+    pub max_driver_crashes: u32,
+    /// The window for `max_driver_crashes`, in seconds.
+    pub crash_window_secs: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/capnet"),
+            admin_socket: None,
+            plugin_dir: None,
+            driver_host: None,
+            request_timeout_secs: 600,
+            stop_grace_ms: 5000,
+            max_driver_crashes: 5,
+            crash_window_secs: 60,
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// The admin socket path.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("admin.sock"))
+    }
+
+    /// How long powerbox requests wait.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+/// `[drivers.NAME]`: one approved driver instance.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriverConfig {
+    /// The plugin file (`.so`).
+    pub plugin: PathBuf,
+    /// Privileges the administrator approved. A plugin asking for more is refused.
+    #[serde(default)]
+    pub privileges: Option<Privileges>,
+    /// Local addresses listeners bind to.
+    #[serde(default = "default_listen")]
+    pub listen_addresses: Vec<String>,
+    /// Driver-wide policy rules, applied under every grant of this driver.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    /// The driver's own options (see its documentation) and the standard ones.
+    #[serde(default)]
+    pub options: toml::Table,
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["0.0.0.0".into()]
+}
+
+/// `[grains.ID]`: a grain the administrator can start by name.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrainConfig {
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        config.path = path.to_path_buf();
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut config.daemon.state_dir);
+        if let Some(p) = config.daemon.admin_socket.as_mut() {
+            abs(p);
+        }
+        if let Some(p) = config.daemon.plugin_dir.as_mut() {
+            abs(p);
+        }
+        if let Some(p) = config.daemon.driver_host.as_mut() {
+            abs(p);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn invalid(&self, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, d) in &self.drivers {
+            if !valid_name(name) {
+                return Err(self.invalid(format!(
+                    "driver name {name:?} must be 1-32 lower-case letters, digits or '-'"
+                )));
+            }
+            for a in &d.listen_addresses {
+                if a.parse::<std::net::IpAddr>().is_err() {
+                    return Err(self.invalid(format!(
+                        "drivers.{name}.listen_addresses: {a:?} is not an IP address"
+                    )));
+                }
+            }
+            for (i, r) in d.rules.iter().enumerate() {
+                let mut msg = capnp::message::Builder::new_default();
+                r.write(msg.init_root())
+                    .map_err(|e| self.invalid(format!("drivers.{name}.rules[{i}]: {e}")))?;
+            }
+        }
+        for (id, g) in &self.grains {
+            if !valid_name(id) {
+                return Err(self.invalid(format!(
+                    "grain id {id:?} must be 1-32 lower-case letters, digits or '-'"
+                )));
+            }
+            if g.command.is_empty() {
+                return Err(self.invalid(format!(
+                    "grains.{id}.command is empty: give the program and its arguments"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The directory relative plugin paths are resolved against.
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.daemon.plugin_dir.clone().unwrap_or_else(exe_dir)
+    }
+
+    /// The absolute plugin path of a driver.
+    pub fn plugin_path(&self, driver: &DriverConfig) -> PathBuf {
+        if driver.plugin.is_absolute() {
+            driver.plugin.clone()
+        } else {
+            self.plugin_dir().join(&driver.plugin)
+        }
+    }
+
+    /// The driver host executable.
+    pub fn driver_host(&self) -> PathBuf {
+        self.daemon
+            .driver_host
+            .clone()
+            .unwrap_or_else(|| exe_dir().join("capnet-driver-host"))
+    }
+}
+
+/// The directory holding the running executable.
+pub fn exe_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Names of drivers and grains: 1-32 of `[a-z0-9-]`, not starting with '-'.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A syntax error names the file, line and column.
+    #[test]
+    fn parse_errors_have_line_and_column() {
+        let text = "[daemon]\nstate_dir = \"/tmp/x\"\nrequest_timeout_secs = \"ten\"\n";
+        let err = Config::parse(text, Path::new("/etc/capnet/capnet.toml")).expect_err("bad");
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/capnet/capnet.toml:3:"), "{msg}");
+    }
+
+    /// Unknown keys are errors, not silently ignored.
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err =
+            Config::parse("[daemon]\nstate_dri = \"/x\"\n", Path::new("c.toml")).expect_err("typo");
+        assert!(err.to_string().contains("state_dri"), "{err}");
+    }
+
+    /// Relative paths are resolved against the config file's directory.
+    #[test]
+    fn relative_paths_follow_the_file() {
+        let c = Config::parse(
+            "[daemon]\nstate_dir = \"state\"\n",
+            Path::new("/etc/capnet/c.toml"),
+        )
+        .expect("ok");
+        assert_eq!(c.daemon.state_dir, PathBuf::from("/etc/capnet/state"));
+        assert_eq!(
+            c.daemon.admin_socket(),
+            PathBuf::from("/etc/capnet/state/admin.sock")
+        );
+    }
+
+    /// A bad rule is refused at load time with its position in the file.
+    #[test]
+    fn bad_rules_are_refused() {
+        let text = "[drivers.tcp]\nplugin = \"x.so\"\n[[drivers.tcp.rules]]\naction = \"maybe\"\n";
+        let err = Config::parse(text, Path::new("c.toml")).expect_err("bad action");
+        assert!(err.to_string().contains("drivers.tcp.rules[0]"), "{err}");
+    }
+}

@@ -1,0 +1,664 @@
+//! Driver lifecycle: one sandboxed host process per configured driver, restarted with
+//! exponential backoff when it crashes, marked failed when it crashes too often or is
+//! refused for good (not a plugin, wrong ABI, privileges beyond the approval).
+//!
+//! The supervisor reads the plugin file once, puts the bytes in a sealed memfd and hands
+//! that to the host, so what is loaded is exactly what was read. The host reports on a
+//! status pipe whether the plugin loaded before it starts serving; a refusal there is
+//! permanent and reported with the host's message (which names the file and what was
+//! expected).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use capnet_driver_api::Privileges;
+use capnet_driver_api::events::Event;
+use capnet_driver_api::policy_interim::write_rules;
+use capnet_schemas::driver_capnp::{driver, event_sink};
+use capnet_schemas::rpc::two_party;
+use capnp_rpc::rpc_twoparty_capnp::Side;
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use tokio::sync::{Notify, watch};
+
+use crate::audit::{Audit, AuditRecord};
+use crate::config::{Config, DriverConfig};
+use crate::driver_host::{self, HostStatus};
+use crate::sys::plugin::PluginIdentity;
+use crate::sys::process::{ChildFds, configure};
+
+/// How long a driver host may take to load its plugin and answer `start`.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// First restart delay; doubles per crash up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest restart delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A host that ran this long without crashing resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Why a driver is unavailable right now.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DriverUnavailable {
+    /// No driver of that name is configured.
+    #[error("no driver named {0:?} is configured; see `capnet driver list`")]
+    Unknown(String),
+    /// It failed for good.
+    #[error("driver {name} has failed: {reason}")]
+    Failed {
+        /// The driver.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// It did not come up in time.
+    #[error("driver {0} is not running (restarting); try again shortly")]
+    NotReady(String),
+    /// It is stopped.
+    #[error("driver {0} is stopped")]
+    Stopped(String),
+}
+
+/// The public state of a driver.
+#[derive(Clone, Debug)]
+pub struct DriverInfo {
+    /// Instance name.
+    pub name: String,
+    /// "starting", "running", "restarting", "failed" or "stopped".
+    pub state: &'static str,
+    /// Host process id while running.
+    pub pid: i32,
+    /// The plugin path.
+    pub plugin: PathBuf,
+    /// Version from the plugin's magic block, once loaded.
+    pub version: String,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Time since the current host started.
+    pub uptime: Duration,
+    /// The last error.
+    pub last_error: String,
+}
+
+#[derive(Clone)]
+struct Running {
+    client: driver::Client,
+    generation: u64,
+    pid: i32,
+    since: Instant,
+    identity: PluginIdentity,
+}
+
+#[derive(Clone)]
+enum SlotState {
+    Starting,
+    Running(Box<Running>),
+    Restarting,
+    Failed(String),
+    Stopped,
+}
+
+/// One configured driver.
+struct Slot {
+    name: String,
+    config: DriverConfig,
+    plugin: PathBuf,
+    state: RefCell<SlotState>,
+    generation: Cell<u64>,
+    changed: watch::Sender<u64>,
+    restarts: Cell<u32>,
+    crashes: RefCell<VecDeque<Instant>>,
+    last_error: RefCell<String>,
+    stop: Notify,
+    stopping: Cell<bool>,
+}
+
+impl Slot {
+    fn set(&self, s: SlotState) {
+        *self.state.borrow_mut() = s;
+        self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// Receives a driver's audit events.
+pub type EventHandler = Rc<dyn Fn(&str, Event)>;
+
+/// Starts, watches and restarts driver hosts.
+#[derive(Clone)]
+pub struct DriverManager {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
+    slots: RefCell<BTreeMap<String, Rc<Slot>>>,
+    host_exe: PathBuf,
+    log_dir: PathBuf,
+    max_crashes: u32,
+    crash_window: Duration,
+    audit: Audit,
+    events: EventHandler,
+}
+
+impl DriverManager {
+    /// A manager for the drivers of `config`. Nothing starts until [`start_all`].
+    pub fn new(config: &Config, audit: Audit, events: EventHandler) -> Self {
+        let mut slots = BTreeMap::new();
+        for (name, d) in &config.drivers {
+            slots.insert(
+                name.clone(),
+                Rc::new(Slot {
+                    name: name.clone(),
+                    config: d.clone(),
+                    plugin: config.plugin_path(d),
+                    state: RefCell::new(SlotState::Starting),
+                    generation: Cell::new(0),
+                    changed: watch::channel(0).0,
+                    restarts: Cell::new(0),
+                    crashes: RefCell::new(VecDeque::new()),
+                    last_error: RefCell::new(String::new()),
+                    stop: Notify::new(),
+                    stopping: Cell::new(false),
+                }),
+            );
+        }
+        Self {
+            inner: Rc::new(Inner {
+                slots: RefCell::new(slots),
+                host_exe: config.driver_host(),
+                log_dir: config.daemon.state_dir.join("drivers"),
+                max_crashes: config.daemon.max_driver_crashes,
+                crash_window: Duration::from_secs(config.daemon.crash_window_secs),
+                audit,
+                events,
+            }),
+        }
+    }
+
+    /// Starts every configured driver (each under its own supervising task).
+    pub fn start_all(&self) {
+        let slots: Vec<_> = self.inner.slots.borrow().values().cloned().collect();
+        for slot in slots {
+            let inner = self.inner.clone();
+            tokio::task::spawn_local(supervise(inner, slot));
+        }
+    }
+
+    /// Stops every driver host.
+    pub async fn stop_all(&self) {
+        let slots: Vec<_> = self.inner.slots.borrow().values().cloned().collect();
+        for slot in &slots {
+            slot.stopping.set(true);
+            slot.stop.notify_waiters();
+        }
+        for slot in &slots {
+            let mut rx = slot.changed.subscribe();
+            while !matches!(
+                *slot.state.borrow(),
+                SlotState::Stopped | SlotState::Failed(_)
+            ) {
+                if tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Whether a driver of that name is configured.
+    pub fn exists(&self, name: &str) -> bool {
+        self.inner.slots.borrow().contains_key(name)
+    }
+
+    /// The running driver's capability and generation, waiting up to `wait` for a driver
+    /// that is starting or restarting.
+    pub async fn client(
+        &self,
+        name: &str,
+        wait: Duration,
+    ) -> Result<(driver::Client, u64), DriverUnavailable> {
+        let slot = self
+            .inner
+            .slots
+            .borrow()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| DriverUnavailable::Unknown(name.to_string()))?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut rx = slot.changed.subscribe();
+        loop {
+            let state = slot.state.borrow().clone();
+            match state {
+                SlotState::Running(r) => return Ok((r.client, r.generation)),
+                SlotState::Failed(reason) => {
+                    return Err(DriverUnavailable::Failed {
+                        name: name.to_string(),
+                        reason,
+                    });
+                }
+                SlotState::Stopped => return Err(DriverUnavailable::Stopped(name.to_string())),
+                SlotState::Starting | SlotState::Restarting => {
+                    if tokio::time::timeout_at(deadline, rx.changed())
+                        .await
+                        .is_err()
+                    {
+                        return Err(DriverUnavailable::NotReady(name.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The current generation of a driver (changes at every restart).
+    pub fn generation(&self, name: &str) -> Option<u64> {
+        let slots = self.inner.slots.borrow();
+        let slot = slots.get(name)?;
+        match &*slot.state.borrow() {
+            SlotState::Running(r) => Some(r.generation),
+            _ => None,
+        }
+    }
+
+    /// The state of every driver.
+    pub fn list(&self) -> Vec<DriverInfo> {
+        self.inner
+            .slots
+            .borrow()
+            .values()
+            .map(|s| {
+                let state = s.state.borrow();
+                let (label, pid, uptime, version) = match &*state {
+                    SlotState::Starting => ("starting", 0, Duration::ZERO, String::new()),
+                    SlotState::Running(r) => (
+                        "running",
+                        r.pid,
+                        r.since.elapsed(),
+                        r.identity.version.clone(),
+                    ),
+                    SlotState::Restarting => ("restarting", 0, Duration::ZERO, String::new()),
+                    SlotState::Failed(_) => ("failed", 0, Duration::ZERO, String::new()),
+                    SlotState::Stopped => ("stopped", 0, Duration::ZERO, String::new()),
+                };
+                DriverInfo {
+                    name: s.name.clone(),
+                    state: label,
+                    pid,
+                    plugin: s.plugin.clone(),
+                    version,
+                    restarts: s.restarts.get(),
+                    uptime,
+                    last_error: s.last_error.borrow().clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A failure to bring a host up.
+enum StartError {
+    /// Will not get better by retrying (refused plugin, bad options).
+    Permanent(String),
+    /// May get better (the host crashed while starting).
+    Transient(String),
+}
+
+struct Host {
+    running: Running,
+    child: tokio::process::Child,
+    rpc_done: tokio::sync::oneshot::Receiver<String>,
+}
+
+async fn supervise(inner: Rc<Inner>, slot: Rc<Slot>) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        if slot.stopping.get() {
+            break;
+        }
+        slot.set(SlotState::Starting);
+        let crashed = match start_host(&inner, &slot).await {
+            Err(StartError::Permanent(reason)) => {
+                tracing::error!(driver = %slot.name, %reason, "driver refused");
+                inner.audit.record(
+                    AuditRecord::new("driver_refused")
+                        .driver(&slot.name)
+                        .detail(reason.clone()),
+                );
+                *slot.last_error.borrow_mut() = reason.clone();
+                slot.set(SlotState::Failed(reason));
+                return;
+            }
+            Err(StartError::Transient(reason)) => reason,
+            Ok(mut host) => {
+                let started = host.running.since;
+                tracing::info!(driver = %slot.name, pid = host.running.pid, generation = host.running.generation, "driver running");
+                inner.audit.record(
+                    AuditRecord::new("driver_started")
+                        .driver(&slot.name)
+                        .detail(format!(
+                            "pid {} generation {}",
+                            host.running.pid, host.running.generation
+                        )),
+                );
+                slot.set(SlotState::Running(Box::new(host.running.clone())));
+                let why = tokio::select! {
+                    status = host.child.wait() => describe_exit(status),
+                    r = &mut host.rpc_done => r.unwrap_or_else(|_| "connection lost".into()),
+                    _ = slot.stop.notified() => String::new(),
+                };
+                let _ = host.child.start_kill();
+                let status = host.child.wait().await;
+                if slot.stopping.get() {
+                    break;
+                }
+                let why = if why == "connection lost" || why.starts_with("the connection") {
+                    format!("{why}; {}", describe_exit(status))
+                } else {
+                    why
+                };
+                if started.elapsed() > STABLE_AFTER {
+                    backoff = FIRST_BACKOFF;
+                }
+                why
+            }
+        };
+        tracing::warn!(driver = %slot.name, reason = %crashed, "driver host ended; restarting");
+        inner.audit.record(
+            AuditRecord::new("driver_crashed")
+                .driver(&slot.name)
+                .detail(crashed.clone()),
+        );
+        *slot.last_error.borrow_mut() = crashed.clone();
+        slot.restarts.set(slot.restarts.get() + 1);
+        let now = Instant::now();
+        let too_many = {
+            let mut c = slot.crashes.borrow_mut();
+            c.push_back(now);
+            while c
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > inner.crash_window)
+            {
+                c.pop_front();
+            }
+            c.len() as u32 > inner.max_crashes
+        };
+        if too_many {
+            let reason = format!(
+                "crashed {} times within {}s (last: {crashed}); fix the plugin or its options, \
+                 then `capnet reload`",
+                inner.max_crashes + 1,
+                inner.crash_window.as_secs()
+            );
+            inner.audit.record(
+                AuditRecord::new("driver_failed")
+                    .driver(&slot.name)
+                    .detail(reason.clone()),
+            );
+            *slot.last_error.borrow_mut() = reason.clone();
+            slot.set(SlotState::Failed(reason));
+            return;
+        }
+        slot.set(SlotState::Restarting);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = slot.stop.notified() => break,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    slot.set(SlotState::Stopped);
+}
+
+fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Err(e) => format!("waiting for the driver host failed: {e}"),
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(101), _) => "the plugin panicked (driver host exit status 101)".into(),
+            (Some(0), _) => "the driver host exited".into(),
+            (Some(c), _) => format!("the driver host exited with status {c}"),
+            (None, Some(sig)) => format!(
+                "the driver host was killed by signal {sig} ({})",
+                signal_name(sig)
+            ),
+            (None, None) => "the driver host ended".into(),
+        },
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {sig}"))
+}
+
+/// Reads the plugin bytes once and seals them in a memfd.
+fn sealed_plugin(slot: &Slot) -> Result<OwnedFd, StartError> {
+    let bytes = std::fs::read(&slot.plugin).map_err(|e| {
+        StartError::Permanent(format!(
+            "cannot read plugin {}: {e}; check drivers.{}.plugin in the config",
+            slot.plugin.display(),
+            slot.name
+        ))
+    })?;
+    let fd = memfd_create(
+        c"capnet-plugin",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| StartError::Transient(format!("memfd_create failed: {e}")))?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(&bytes)
+        .map_err(|e| StartError::Transient(format!("writing the plugin memfd failed: {e}")))?;
+    fcntl(
+        &file,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SEAL
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_WRITE,
+        ),
+    )
+    .map_err(|e| StartError::Transient(format!("sealing the plugin memfd failed: {e}")))?;
+    Ok(OwnedFd::from(file))
+}
+
+async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartError> {
+    let plugin_fd = sealed_plugin(slot)?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| StartError::Transient(format!("socketpair failed: {e}")))?;
+    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| StartError::Transient(format!("pipe failed: {e}")))?;
+    std::fs::create_dir_all(&inner.log_dir).map_err(|e| {
+        StartError::Transient(format!("cannot create {}: {e}", inner.log_dir.display()))
+    })?;
+    let log_path = inner.log_dir.join(format!("{}.log", slot.name));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| StartError::Transient(format!("cannot open {}: {e}", log_path.display())))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| StartError::Transient(format!("dup of the log failed: {e}")))?;
+
+    let fds = ChildFds::new(vec![
+        (OwnedFd::from(theirs), driver_host::RPC_FD),
+        (plugin_fd, driver_host::PLUGIN_FD),
+        (status_w, driver_host::STATUS_FD),
+    ])
+    .map_err(|e| StartError::Transient(format!("preparing descriptors failed: {e}")))?;
+    let mut cmd = tokio::process::Command::new(&inner.host_exe);
+    cmd.arg("--plugin")
+        .arg(&slot.plugin)
+        .env_clear()
+        .env(
+            "CAPNET_LOG",
+            std::env::var("CAPNET_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .kill_on_drop(true);
+    configure(&mut cmd, fds, true);
+    let mut child = cmd.spawn().map_err(|e| {
+        StartError::Permanent(format!(
+            "cannot start the driver host {}: {e}; set daemon.driver_host in the config",
+            inner.host_exe.display()
+        ))
+    })?;
+    drop(cmd);
+    let pid = child.id().map_or(0, |p| p as i32);
+
+    // The status line, read on a blocking thread (the host closes the pipe after it).
+    let status = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        let mut f = std::fs::File::from(status_r);
+        let _ = f.read_to_string(&mut text);
+        text
+    });
+    let text = match tokio::time::timeout(START_TIMEOUT, status).await {
+        Ok(Ok(t)) => t,
+        _ => {
+            let _ = child.start_kill();
+            return Err(StartError::Transient(format!(
+                "the driver host did not report within {}s",
+                START_TIMEOUT.as_secs()
+            )));
+        }
+    };
+    if text.trim().is_empty() {
+        let st = child.wait().await;
+        return Err(StartError::Transient(format!(
+            "the driver host died while loading the plugin: {}",
+            describe_exit(st)
+        )));
+    }
+    let status: HostStatus = serde_json::from_str(text.trim()).map_err(|e| {
+        StartError::Transient(format!("the driver host sent a malformed status: {e}"))
+    })?;
+    let identity = match (status.ok, status.identity, status.error) {
+        (true, Some(id), _) => id,
+        (_, _, err) => {
+            let _ = child.wait().await;
+            return Err(StartError::Permanent(
+                err.unwrap_or_else(|| "the plugin was refused".into()),
+            ));
+        }
+    };
+    let asked = identity.manifest.privileges;
+    let approved = slot.config.privileges.unwrap_or(asked);
+    let exceeding = asked.exceeding(&approved);
+    if !exceeding.is_empty() {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(StartError::Permanent(format!(
+            "{}: the plugin asks for privileges that were not approved: {}; approve them in \
+             drivers.{}.privileges or use another plugin",
+            slot.plugin.display(),
+            exceeding.join(", "),
+            slot.name
+        )));
+    }
+    let granted = Privileges {
+        outbound_tcp: asked.outbound_tcp && approved.outbound_tcp,
+        outbound_udp: asked.outbound_udp && approved.outbound_udp,
+        inbound_tcp: asked.inbound_tcp && approved.inbound_tcp,
+        inbound_udp: asked.inbound_udp && approved.inbound_udp,
+        low_ports: asked.low_ports && approved.low_ports,
+        dns: asked.dns && approved.dns,
+    };
+
+    ours.set_nonblocking(true)
+        .map_err(|e| StartError::Transient(format!("socket setup failed: {e}")))?;
+    let stream = tokio::net::UnixStream::from_std(ours)
+        .map_err(|e| StartError::Transient(format!("socket setup failed: {e}")))?;
+    let mut rpc = two_party(stream, Side::Client, None);
+    let client: driver::Client = rpc.bootstrap(Side::Server);
+    let (done_tx, rpc_done) = tokio::sync::oneshot::channel();
+    tokio::task::spawn_local(async move {
+        let r = rpc.await;
+        let _ = done_tx.send(match r {
+            Ok(()) => "the connection to the driver closed".to_string(),
+            Err(e) => format!("the connection to the driver failed: {e}"),
+        });
+    });
+
+    let mut req = client.start_request();
+    {
+        let mut p = req.get();
+        let sink: event_sink::Client = capnp_rpc::new_client(EventSinkImpl {
+            driver: slot.name.clone(),
+            handler: inner.events.clone(),
+        });
+        p.set_events(sink);
+        let mut c = p.init_config();
+        c.set_name(&slot.name);
+        let options = toml::to_string(&slot.config.options).unwrap_or_default();
+        c.set_options_toml(&options);
+        granted.write(c.reborrow().init_privileges());
+        let addrs = &slot.config.listen_addresses;
+        let mut la = c.reborrow().init_listen_addresses(addrs.len() as u32);
+        for (i, a) in addrs.iter().enumerate() {
+            la.set(i as u32, a);
+        }
+        write_rules(&slot.config.rules, c.init_policy())
+            .map_err(|e| StartError::Permanent(format!("drivers.{}.rules: {e}", slot.name)))?;
+    }
+    match tokio::time::timeout(START_TIMEOUT, req.send().promise).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) if e.kind == capnp::ErrorKind::Disconnected => {
+            let _ = child.start_kill();
+            let st = child.wait().await;
+            return Err(StartError::Transient(format!(
+                "the driver died while starting: {}",
+                describe_exit(st)
+            )));
+        }
+        Ok(Err(e)) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(StartError::Permanent(format!(
+                "driver {} refused to start: {}",
+                slot.name,
+                e.extra.trim_start_matches("remote exception: ")
+            )));
+        }
+        Err(_) => {
+            let _ = child.start_kill();
+            return Err(StartError::Transient(format!(
+                "the driver did not answer start within {}s",
+                START_TIMEOUT.as_secs()
+            )));
+        }
+    }
+    slot.generation.set(slot.generation.get() + 1);
+    Ok(Host {
+        running: Running {
+            client,
+            generation: slot.generation.get(),
+            pid,
+            since: Instant::now(),
+            identity,
+        },
+        child,
+        rpc_done,
+    })
+}
+
+/// Receives a driver's audit events.
+struct EventSinkImpl {
+    driver: String,
+    handler: EventHandler,
+}
+
+impl event_sink::Server for EventSinkImpl {
+    async fn report(self: Rc<Self>, params: event_sink::ReportParams) -> Result<(), capnp::Error> {
+        let event = Event::read(params.get()?.get_event()?)?;
+        (self.handler)(&self.driver, event);
+        Ok(())
+    }
+}

@@ -1,0 +1,421 @@
+//! The membrane: supervisor objects standing between a grain and a driver.
+//!
+//! Every capability a grain holds is one of these proxies; the grain never holds a driver
+//! capability (capnp-rpc-rust has no three-party handoff, and we would not want one). Each
+//! proxy checks its grant on every call, so a revoked grant fails at once with a `revoked:`
+//! error. Proxies that hold driver objects (streams, listener handles, the grain's own
+//! ports handed to a driver) register with the grant and let go of them on revocation.
+//! Bytes are counted here, where a driver cannot misreport them.
+//!
+//! Network, host and port proxies hold no driver objects at all: they remember what they
+//! name and re-derive the driver side on use, which is what lets them survive a driver
+//! restart.
+
+use std::cell::RefCell;
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use capnet_schemas::bytestream::write_request;
+use capnet_schemas::ip_capnp::{ip_interface, ip_network, ip_remote_host, tcp_port};
+use capnet_schemas::util_capnp::{byte_stream, handle};
+use capnp::Error;
+
+use crate::grants::{Grant, GrantKind, Revocable, revoked_error};
+
+/// How a proxy names a host.
+#[derive(Clone, Debug)]
+enum HostRef {
+    Addr(IpAddr),
+    Name(String),
+}
+
+impl HostRef {
+    fn from_text(t: &str) -> Self {
+        match t.parse::<IpAddr>() {
+            Ok(a) => HostRef::Addr(a),
+            Err(_) => HostRef::Name(t.to_string()),
+        }
+    }
+}
+
+/// The capability a grain receives for a grant.
+pub fn root_capability(grant: &Rc<Grant>) -> capnp::capability::Client {
+    match &grant.kind {
+        GrantKind::IpNetwork { .. } => {
+            let c: ip_network::Client = capnp_rpc::new_client(NetworkProxy {
+                grant: grant.clone(),
+            });
+            c.client
+        }
+        GrantKind::IpInterface => {
+            let c: ip_interface::Client = capnp_rpc::new_client(InterfaceProxy {
+                grant: grant.clone(),
+            });
+            c.client
+        }
+        GrantKind::IpRemoteHost { host } => {
+            let c: ip_remote_host::Client = capnp_rpc::new_client(RemoteHostProxy {
+                grant: grant.clone(),
+                host: HostRef::from_text(host),
+            });
+            c.client
+        }
+        GrantKind::TcpPort { host, port } => {
+            let c: tcp_port::Client = capnp_rpc::new_client(TcpPortProxy {
+                grant: grant.clone(),
+                host: HostRef::from_text(host),
+                port: *port,
+            });
+            c.client
+        }
+        GrantKind::UdpPort { .. } => {
+            capnp_rpc::new_broken_cap(Error::unimplemented("UDP grants are not served yet".into()))
+        }
+    }
+}
+
+/// `IpNetwork` proxy.
+struct NetworkProxy {
+    grant: Rc<Grant>,
+}
+
+impl ip_network::Server for NetworkProxy {
+    async fn get_remote_host(
+        self: Rc<Self>,
+        params: ip_network::GetRemoteHostParams,
+        mut results: ip_network::GetRemoteHostResults,
+    ) -> Result<(), Error> {
+        self.grant.check_live()?;
+        let addr = capnet_schemas::ip::read(params.get()?.get_address()?);
+        let h: ip_remote_host::Client = capnp_rpc::new_client(RemoteHostProxy {
+            grant: self.grant.clone(),
+            host: HostRef::Addr(addr),
+        });
+        results.get().set_host(h);
+        Ok(())
+    }
+
+    async fn get_remote_host_by_name(
+        self: Rc<Self>,
+        params: ip_network::GetRemoteHostByNameParams,
+        mut results: ip_network::GetRemoteHostByNameResults,
+    ) -> Result<(), Error> {
+        self.grant.check_live()?;
+        let name = params.get()?.get_address()?.to_str()?;
+        if name.is_empty() || name.len() > 255 {
+            return Err(Error::failed(format!(
+                "{name:?} is not a host name or address"
+            )));
+        }
+        // The driver parses and vets the name strictly when it is used.
+        let h: ip_remote_host::Client = capnp_rpc::new_client(RemoteHostProxy {
+            grant: self.grant.clone(),
+            host: HostRef::Name(name.to_string()),
+        });
+        results.get().set_host(h);
+        Ok(())
+    }
+}
+
+/// `IpRemoteHost` proxy.
+struct RemoteHostProxy {
+    grant: Rc<Grant>,
+    host: HostRef,
+}
+
+impl ip_remote_host::Server for RemoteHostProxy {
+    async fn get_tcp_port(
+        self: Rc<Self>,
+        params: ip_remote_host::GetTcpPortParams,
+        mut results: ip_remote_host::GetTcpPortResults,
+    ) -> Result<(), Error> {
+        self.grant.check_live()?;
+        let port = params.get()?.get_port_num();
+        let p: tcp_port::Client = capnp_rpc::new_client(TcpPortProxy {
+            grant: self.grant.clone(),
+            host: self.host.clone(),
+            port,
+        });
+        results.get().set_port(p);
+        Ok(())
+    }
+}
+
+/// `TcpPort` proxy: one host and port under a grant.
+struct TcpPortProxy {
+    grant: Rc<Grant>,
+    host: HostRef,
+    port: u16,
+}
+
+impl TcpPortProxy {
+    async fn driver_port(&self) -> Result<tcp_port::Client, Error> {
+        let net = self.grant.network().await?;
+        let host = match &self.host {
+            HostRef::Addr(a) => {
+                let mut req = net.get_remote_host_request();
+                capnet_schemas::ip::write(req.get().init_address(), *a);
+                req.send().pipeline.get_host()
+            }
+            HostRef::Name(n) => {
+                let mut req = net.get_remote_host_by_name_request();
+                req.get().set_address(n);
+                req.send().pipeline.get_host()
+            }
+        };
+        let mut req = host.get_tcp_port_request();
+        req.get().set_port_num(self.port);
+        Ok(req.send().pipeline.get_port())
+    }
+}
+
+impl tcp_port::Server for TcpPortProxy {
+    async fn connect(
+        self: Rc<Self>,
+        params: tcp_port::ConnectParams,
+        mut results: tcp_port::ConnectResults,
+    ) -> Result<(), Error> {
+        let g = &self.grant;
+        g.check_live()?;
+        g.touch();
+        let downstream = params.get()?.get_downstream()?;
+        let port = self.driver_port().await?;
+        let conn = ConnTrack::new(g);
+        let down = ByteStreamProxy::client(downstream, g, Direction::ToGrain, conn.clone());
+        let mut req = port.connect_request();
+        req.get().set_downstream(down);
+        let response = req.send();
+        let up = ByteStreamProxy::client(
+            response.pipeline.get_upstream(),
+            g,
+            Direction::ToNetwork,
+            conn,
+        );
+        results.get().set_upstream(up);
+        results.set_pipeline()?;
+        response.promise.await?;
+        Ok(())
+    }
+}
+
+/// `IpInterface` proxy.
+struct InterfaceProxy {
+    grant: Rc<Grant>,
+}
+
+impl ip_interface::Server for InterfaceProxy {
+    async fn listen_tcp(
+        self: Rc<Self>,
+        params: ip_interface::ListenTcpParams,
+        mut results: ip_interface::ListenTcpResults,
+    ) -> Result<(), Error> {
+        let g = &self.grant;
+        g.check_live()?;
+        g.touch();
+        let p = params.get()?;
+        let port_num = p.get_port_num();
+        let grain_port = p.get_port()?;
+        let wrapped = Rc::new(GrainPortProxy {
+            target: RefCell::new(Some(grain_port)),
+            grant: g.clone(),
+        });
+        g.register(Rc::downgrade(&wrapped) as std::rc::Weak<dyn Revocable>);
+        let iface = g.interface().await?;
+        let mut req = iface.listen_tcp_request();
+        req.get().set_port_num(port_num);
+        req.get()
+            .set_port(capnp_rpc::new_client_from_rc::<tcp_port::Client, _>(
+                wrapped,
+            ));
+        let driver_handle = req.send().promise.await?.get()?.get_handle()?;
+        g.check_live()?;
+        let h = Rc::new(HandleProxy {
+            target: RefCell::new(Some(driver_handle)),
+            grant: g.clone(),
+        });
+        g.register(Rc::downgrade(&h) as std::rc::Weak<dyn Revocable>);
+        results
+            .get()
+            .set_handle(capnp_rpc::new_client_from_rc::<handle::Client, _>(h));
+        Ok(())
+    }
+}
+
+/// The grain's own `TcpPort` as a driver sees it (inbound connections).
+struct GrainPortProxy {
+    target: RefCell<Option<tcp_port::Client>>,
+    grant: Rc<Grant>,
+}
+
+impl Revocable for GrainPortProxy {
+    fn revoke(&self) {
+        self.target.borrow_mut().take();
+    }
+}
+
+impl tcp_port::Server for GrainPortProxy {
+    async fn connect(
+        self: Rc<Self>,
+        params: tcp_port::ConnectParams,
+        mut results: tcp_port::ConnectResults,
+    ) -> Result<(), Error> {
+        let g = &self.grant;
+        g.check_live()?;
+        let target = self
+            .target
+            .borrow()
+            .clone()
+            .ok_or_else(|| Error::disconnected("the grain's port was released".into()))?;
+        g.touch();
+        let to_network = params.get()?.get_downstream()?;
+        let conn = ConnTrack::new(g);
+        let grain_writes =
+            ByteStreamProxy::client(to_network, g, Direction::ToNetwork, conn.clone());
+        let mut req = target.connect_request();
+        req.get().set_downstream(grain_writes);
+        let response = req.send();
+        let to_grain = ByteStreamProxy::client(
+            response.pipeline.get_upstream(),
+            g,
+            Direction::ToGrain,
+            conn,
+        );
+        results.get().set_upstream(to_grain);
+        results.set_pipeline()?;
+        response.promise.await?;
+        Ok(())
+    }
+}
+
+/// A driver `Handle` held for a grain.
+struct HandleProxy {
+    target: RefCell<Option<handle::Client>>,
+    grant: Rc<Grant>,
+}
+
+impl Revocable for HandleProxy {
+    fn revoke(&self) {
+        self.target.borrow_mut().take();
+    }
+}
+
+impl handle::Server for HandleProxy {
+    async fn ping(
+        self: Rc<Self>,
+        _: handle::PingParams,
+        _: handle::PingResults,
+    ) -> Result<(), Error> {
+        self.grant.check_live()?;
+        let target = self
+            .target
+            .borrow()
+            .clone()
+            .ok_or_else(|| Error::disconnected("the handle was released".into()))?;
+        target.ping_request().send().promise.await?;
+        Ok(())
+    }
+}
+
+/// Counts one open connection of a grant for as long as either direction lives.
+struct ConnTrack {
+    grant: Rc<Grant>,
+}
+
+impl ConnTrack {
+    fn new(grant: &Rc<Grant>) -> Rc<Self> {
+        grant.open_connections.set(grant.open_connections.get() + 1);
+        Rc::new(Self {
+            grant: grant.clone(),
+        })
+    }
+}
+
+impl Drop for ConnTrack {
+    fn drop(&mut self) {
+        let g = &self.grant;
+        g.open_connections
+            .set(g.open_connections.get().saturating_sub(1));
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    ToGrain,
+    ToNetwork,
+}
+
+/// A `ByteStream` forwarded through the membrane, counting bytes.
+struct ByteStreamProxy {
+    target: RefCell<Option<byte_stream::Client>>,
+    grant: Rc<Grant>,
+    direction: Direction,
+    _conn: Rc<ConnTrack>,
+}
+
+impl ByteStreamProxy {
+    fn client(
+        target: byte_stream::Client,
+        grant: &Rc<Grant>,
+        direction: Direction,
+        conn: Rc<ConnTrack>,
+    ) -> byte_stream::Client {
+        let p = Rc::new(Self {
+            target: RefCell::new(Some(target)),
+            grant: grant.clone(),
+            direction,
+            _conn: conn,
+        });
+        grant.register(Rc::downgrade(&p) as std::rc::Weak<dyn Revocable>);
+        capnp_rpc::new_client_from_rc(p)
+    }
+
+    fn target(&self) -> Result<byte_stream::Client, Error> {
+        self.grant.check_live()?;
+        self.target
+            .borrow()
+            .clone()
+            .ok_or_else(|| revoked_error(&self.grant.id, "stream released"))
+    }
+}
+
+impl Revocable for ByteStreamProxy {
+    fn revoke(&self) {
+        self.target.borrow_mut().take();
+    }
+}
+
+impl byte_stream::Server for ByteStreamProxy {
+    async fn write(self: Rc<Self>, params: byte_stream::WriteParams) -> Result<(), Error> {
+        let target = self.target()?;
+        let data = params.get()?.get_data()?;
+        let n = data.len() as u64;
+        let counter = match self.direction {
+            Direction::ToGrain => &self.grant.bytes_in,
+            Direction::ToNetwork => &self.grant.bytes_out,
+        };
+        counter.set(counter.get() + n);
+        write_request(&target, data).send().await
+    }
+
+    async fn done(
+        self: Rc<Self>,
+        _: byte_stream::DoneParams,
+        _: byte_stream::DoneResults,
+    ) -> Result<(), Error> {
+        let target = self.target()?;
+        target.done_request().send().promise.await?;
+        Ok(())
+    }
+
+    async fn expect_size(
+        self: Rc<Self>,
+        params: byte_stream::ExpectSizeParams,
+        _: byte_stream::ExpectSizeResults,
+    ) -> Result<(), Error> {
+        let target = self.target()?;
+        let mut req = target.expect_size_request();
+        req.get().set_size(params.get()?.get_size());
+        req.send().promise.await?;
+        Ok(())
+    }
+}

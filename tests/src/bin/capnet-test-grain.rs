@@ -1,0 +1,283 @@
+//! A grain used by capnet's tests and demo. It talks to the grain API on fd 3 and prints
+//! what happened as JSON lines on stdout (which lands in the grain's log).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use capnet_schemas::bytestream;
+use capnet_schemas::descriptor::{Encryption, Requested};
+use capnet_schemas::grain;
+use capnet_schemas::grain_capnp::grain_api;
+use capnet_schemas::ip_capnp::{ip_interface, ip_network, tcp_port};
+use capnet_tests::grain::{pseudo_random, sha256_hex};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Request IpNetwork, send pseudo-random bytes to an echo server, check what comes back.
+    Echo {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1 << 20)]
+        bytes: usize,
+        #[arg(long, default_value = "test: echo")]
+        label: String,
+    },
+    /// Request IpInterface, listen on a port, answer lines until told to drop the handle.
+    Listen {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Request something and report the outcome (exit 3 if refused).
+    Request {
+        /// network, interface, host, tcpport
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long, default_value = "test: request")]
+        label: String,
+    },
+    /// Request IpNetwork; connect to `crash_port` (the driver crashes), then retry the echo
+    /// server until the restarted driver serves it.
+    CrashRecover {
+        #[arg(long)]
+        crash_port: u16,
+        #[arg(long)]
+        echo_port: u16,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    let code = local.block_on(&rt, async move {
+        match run(args).await {
+            Ok(code) => code,
+            Err(e) => {
+                println!("{}", json!({"ok": false, "error": format!("{e:#}")}));
+                1
+            }
+        }
+    });
+    std::process::exit(code);
+}
+
+fn clean(e: capnp::Error) -> anyhow::Error {
+    anyhow!(
+        "{}",
+        e.extra.trim_start_matches("remote exception: ").trim()
+    )
+}
+
+async fn port_of(net: &ip_network::Client, host: &str, port: u16) -> tcp_port::Client {
+    let mut req = net.get_remote_host_by_name_request();
+    req.get().set_address(host);
+    let h = req.send().pipeline.get_host();
+    let mut req = h.get_tcp_port_request();
+    req.get().set_port_num(port);
+    req.send().pipeline.get_port()
+}
+
+/// Sends `n` bytes through `port` to an echo server and checks the echo and the EOF.
+async fn echo_once(port: &tcp_port::Client, n: usize, seed: u64) -> Result<String> {
+    let stream = bytestream::connect(port).await.map_err(clean)?;
+    let (mut r, mut w) = tokio::io::split(stream);
+    let data = pseudo_random(n, seed);
+    let expected = sha256_hex(&data);
+    let writer = tokio::task::spawn_local(async move {
+        for chunk in data.chunks(256 * 1024) {
+            w.write_all(chunk).await?;
+        }
+        w.shutdown().await
+    });
+    let mut h = Sha256::new();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let k = r.read(&mut buf).await.context("reading the echo")?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        got += k;
+    }
+    writer.await.context("writer task")?.context("writing")?;
+    let sum: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if got != n || sum != expected {
+        bail!("echo mismatch: sent {n} bytes ({expected}), got {got} ({sum})");
+    }
+    Ok(sum)
+}
+
+async fn request(api: &grain_api::Client, what: Requested, label: &str) -> Result<grain::Granted> {
+    grain::request(api, &what, label).await.map_err(clean)
+}
+
+async fn run(args: Args) -> Result<i32> {
+    let api = grain::connect()?;
+    match args.cmd {
+        Cmd::Echo {
+            host,
+            port,
+            bytes,
+            label,
+        } => {
+            let g = request(
+                &api,
+                Requested::IpNetwork {
+                    encryption: Encryption::None,
+                },
+                &label,
+            )
+            .await?;
+            println!("{}", json!({"event": "granted", "grant": g.grant_id}));
+            let net: ip_network::Client = g.cast();
+            let p = port_of(&net, &host, port).await;
+            let t0 = Instant::now();
+            let sum = echo_once(&p, bytes, 42).await?;
+            let secs = t0.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                json!({"ok": true, "bytes": bytes, "sha256": sum, "eof": true,
+                       "mib_per_s": bytes as f64 / secs / 1048576.0})
+            );
+            Ok(0)
+        }
+        Cmd::Listen { port } => {
+            let g = request(&api, Requested::IpInterface, "test: listen").await?;
+            let iface: ip_interface::Client = g.cast();
+            let (p, mut incoming) = bytestream::listener();
+            let mut req = iface.listen_tcp_request();
+            req.get().set_port_num(port);
+            req.get().set_port(p);
+            let handle = req
+                .send()
+                .promise
+                .await
+                .map_err(clean)?
+                .get()?
+                .get_handle()?;
+            println!("LISTENING {port}");
+            let mut handle = Some(handle);
+            while let Some(conn) = incoming.recv().await {
+                let (r, mut w) = tokio::io::split(conn);
+                let mut lines = BufReader::new(r).lines();
+                while let Some(line) = lines.next_line().await? {
+                    if line == "drop" {
+                        drop(handle.take());
+                        // The release travels before this call on the same connection.
+                        api.whoami_request().send().promise.await.map_err(clean)?;
+                        w.write_all(b"dropped\n").await?;
+                        println!("DROPPED");
+                    } else if line == "quit" {
+                        w.write_all(b"bye\n").await?;
+                        w.shutdown().await?;
+                        return Ok(0);
+                    } else {
+                        w.write_all(format!("echo: {line}\n").as_bytes()).await?;
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Request {
+            kind,
+            host,
+            port,
+            label,
+        } => {
+            let what = match kind.as_str() {
+                "network" => Requested::IpNetwork {
+                    encryption: Encryption::None,
+                },
+                "network-tls" => Requested::IpNetwork {
+                    encryption: Encryption::Tls,
+                },
+                "interface" => Requested::IpInterface,
+                "host" => Requested::IpRemoteHost { host },
+                "tcpport" => Requested::TcpPort { host, port },
+                "udpport" => Requested::UdpPort { host, port },
+                other => bail!("unknown kind {other}"),
+            };
+            match grain::request(&api, &what, &label).await {
+                Ok(g) => {
+                    println!("{}", json!({"ok": true, "grant": g.grant_id}));
+                    Ok(0)
+                }
+                Err(e) => {
+                    println!("{}", json!({"ok": false, "refused": clean(e).to_string()}));
+                    Ok(3)
+                }
+            }
+        }
+        Cmd::CrashRecover {
+            crash_port,
+            echo_port,
+        } => {
+            let g = request(
+                &api,
+                Requested::IpNetwork {
+                    encryption: Encryption::None,
+                },
+                "test: crash",
+            )
+            .await?;
+            let net: ip_network::Client = g.cast();
+            let crash = port_of(&net, "127.0.0.1", crash_port).await;
+            match bytestream::connect(&crash).await {
+                Ok(_) => {
+                    bail!("connecting to the crash port succeeded; the driver should have crashed")
+                }
+                Err(e) => println!(
+                    "{}",
+                    json!({"event": "crash_error", "error": clean(e).to_string()})
+                ),
+            }
+            let t0 = Instant::now();
+            let mut attempts = 0u32;
+            loop {
+                attempts += 1;
+                let p = port_of(&net, "127.0.0.1", echo_port).await;
+                match echo_once(&p, 4096, 7).await {
+                    Ok(_) => break,
+                    Err(e) if t0.elapsed() < Duration::from_secs(20) => {
+                        if attempts == 1 {
+                            println!("{}", json!({"event": "retrying", "error": e.to_string()}));
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => bail!("the driver did not come back within 20s: {e}"),
+                }
+            }
+            println!(
+                "{}",
+                json!({"ok": true, "recovered_after_ms": t0.elapsed().as_millis() as u64, "attempts": attempts})
+            );
+            Ok(0)
+        }
+    }
+}
