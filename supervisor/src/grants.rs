@@ -165,6 +165,7 @@ pub struct Grant {
     pub open_connections: Cell<u32>,
     revoked: RefCell<Option<String>>,
     session: RefCell<Option<(u64, grant_session::Client)>>,
+    network: RefCell<Option<(u64, ip_network::Client)>>,
     live: RefCell<Vec<Weak<dyn Revocable>>>,
     drivers: DriverManager,
     audit: Audit,
@@ -239,10 +240,24 @@ impl Grant {
         Ok(session)
     }
 
-    /// The driver's `IpNetwork` for this grant.
-    pub async fn network(&self) -> Result<ip_network::Client, Error> {
+    /// The driver generation the cached session belongs to, if any.
+    pub fn session_generation(&self) -> Option<u64> {
+        self.session.borrow().as_ref().map(|(g, _)| *g)
+    }
+
+    /// The driver's `IpNetwork` for this grant, and the driver generation it belongs to.
+    /// Cached per generation, so steady-state connects cost no extra calls.
+    pub async fn network(&self) -> Result<(ip_network::Client, u64), Error> {
         let s = self.session().await?;
-        Ok(s.network_request().send().pipeline.get_network())
+        let generation = self.session_generation().unwrap_or(0);
+        if let Some((g, n)) = &*self.network.borrow()
+            && *g == generation
+        {
+            return Ok((n.clone(), generation));
+        }
+        let n = s.network_request().send().pipeline.get_network();
+        *self.network.borrow_mut() = Some((generation, n.clone()));
+        Ok((n, generation))
     }
 
     /// The driver's `IpInterface` for this grant.
@@ -262,6 +277,7 @@ impl Grant {
         for r in live.iter().filter_map(Weak::upgrade) {
             r.revoke();
         }
+        self.network.borrow_mut().take();
         if let Some((_, session)) = self.session.borrow_mut().take() {
             let mut req = session.revoke_request();
             req.get().set_reason(reason);
@@ -336,6 +352,7 @@ impl GrantTable {
             open_connections: Cell::new(0),
             revoked: RefCell::new(None),
             session: RefCell::new(None),
+            network: RefCell::new(None),
             live: RefCell::new(Vec::new()),
             drivers: self.drivers.clone(),
             audit: self.audit.clone(),

@@ -65,6 +65,7 @@ pub fn root_capability(grant: &Rc<Grant>) -> capnp::capability::Client {
                 grant: grant.clone(),
                 host: HostRef::from_text(host),
                 port: *port,
+                cached: RefCell::new(None),
             });
             c.client
         }
@@ -135,6 +136,7 @@ impl ip_remote_host::Server for RemoteHostProxy {
             grant: self.grant.clone(),
             host: self.host.clone(),
             port,
+            cached: RefCell::new(None),
         });
         results.get().set_port(p);
         Ok(())
@@ -146,11 +148,18 @@ struct TcpPortProxy {
     grant: Rc<Grant>,
     host: HostRef,
     port: u16,
+    /// The driver's port object for one driver generation.
+    cached: RefCell<Option<(u64, tcp_port::Client)>>,
 }
 
 impl TcpPortProxy {
     async fn driver_port(&self) -> Result<tcp_port::Client, Error> {
-        let net = self.grant.network().await?;
+        let (net, generation) = self.grant.network().await?;
+        if let Some((g, p)) = &*self.cached.borrow()
+            && *g == generation
+        {
+            return Ok(p.clone());
+        }
         let host = match &self.host {
             HostRef::Addr(a) => {
                 let mut req = net.get_remote_host_request();
@@ -165,7 +174,9 @@ impl TcpPortProxy {
         };
         let mut req = host.get_tcp_port_request();
         req.get().set_port_num(self.port);
-        Ok(req.send().pipeline.get_port())
+        let port = req.send().pipeline.get_port();
+        *self.cached.borrow_mut() = Some((generation, port.clone()));
+        Ok(port)
     }
 }
 

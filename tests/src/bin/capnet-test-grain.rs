@@ -51,6 +51,27 @@ enum Cmd {
         #[arg(long, default_value = "test: request")]
         label: String,
     },
+    /// Benchmark: send `bytes` to a sink server that answers with the count, through the
+    /// native ByteStream path; print MiB/s.
+    BenchThroughput {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Benchmark: connect `count` times to a server that writes one byte at once; print
+    /// connect-to-first-byte latencies.
+    BenchLatency {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        count: u32,
+    },
+    /// Benchmark: round trips of a trivial call to the supervisor.
+    BenchRtt {
+        #[arg(long, default_value_t = 1000)]
+        count: u32,
+    },
     /// Request IpNetwork; connect to `crash_port` (the driver crashes), then retry the echo
     /// server until the restarted driver serves it.
     CrashRecover {
@@ -196,6 +217,7 @@ async fn run(args: Args) -> Result<i32> {
                     } else if line == "quit" {
                         w.write_all(b"bye\n").await?;
                         w.shutdown().await?;
+                        println!("{}", json!({"ok": true, "event": "quit"}));
                         return Ok(0);
                     } else {
                         w.write_all(format!("echo: {line}\n").as_bytes()).await?;
@@ -233,6 +255,101 @@ async fn run(args: Args) -> Result<i32> {
                     Ok(3)
                 }
             }
+        }
+        Cmd::BenchThroughput { port, bytes } => {
+            let g = request(
+                &api,
+                Requested::IpNetwork {
+                    encryption: Encryption::None,
+                },
+                "bench",
+            )
+            .await?;
+            let net: ip_network::Client = g.cast();
+            let p = port_of(&net, "127.0.0.1", port).await;
+            let (reply_w, mut reply_r) = tokio::io::duplex(64);
+            let downstream: capnet_schemas::util_capnp::byte_stream::Client =
+                capnp_rpc::new_client(bytestream::WriterStream::new(reply_w));
+            let mut req = p.connect_request();
+            req.get().set_downstream(downstream);
+            let t0 = Instant::now();
+            let upstream = req
+                .send()
+                .promise
+                .await
+                .map_err(clean)?
+                .get()?
+                .get_upstream()?;
+            let chunk = vec![0x5au8; capnet_schemas::rpc::CHUNK_BYTES];
+            bytestream::write_request(&upstream, &bytes.to_be_bytes())
+                .send()
+                .await
+                .map_err(clean)?;
+            let mut sent = 0u64;
+            while sent < bytes {
+                let n = (bytes - sent).min(chunk.len() as u64) as usize;
+                bytestream::write_request(&upstream, &chunk[..n])
+                    .send()
+                    .await
+                    .map_err(clean)?;
+                sent += n as u64;
+            }
+            upstream
+                .done_request()
+                .send()
+                .promise
+                .await
+                .map_err(clean)?;
+            let mut count = [0u8; 8];
+            reply_r
+                .read_exact(&mut count)
+                .await
+                .context("reading the sink's count")?;
+            let secs = t0.elapsed().as_secs_f64();
+            let got = u64::from_be_bytes(count);
+            if got != bytes {
+                bail!("the sink received {got} bytes of {bytes}");
+            }
+            println!("{}", json!({"ok": true, "bytes": bytes, "secs": secs}));
+            Ok(0)
+        }
+        Cmd::BenchRtt { count } => {
+            let t0 = Instant::now();
+            for _ in 0..count {
+                api.whoami_request().send().promise.await.map_err(clean)?;
+            }
+            println!(
+                "{}",
+                json!({"ok": true, "rtt_us": t0.elapsed().as_micros() as u64 / u64::from(count.max(1))})
+            );
+            Ok(0)
+        }
+        Cmd::BenchLatency { port, count } => {
+            let g = request(
+                &api,
+                Requested::IpNetwork {
+                    encryption: Encryption::None,
+                },
+                "bench",
+            )
+            .await?;
+            let net: ip_network::Client = g.cast();
+            let p = port_of(&net, "127.0.0.1", port).await;
+            let mut micros = Vec::with_capacity(count as usize);
+            let mut connect_micros = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let t0 = Instant::now();
+                let mut s = bytestream::connect(&p).await.map_err(clean)?;
+                connect_micros.push(t0.elapsed().as_micros() as u64);
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await.context("first byte")?;
+                micros.push(t0.elapsed().as_micros() as u64);
+            }
+            println!(
+                "{}",
+                json!({"ok": true, "micros": micros, "connect_micros": connect_micros})
+            );
+            Ok(0)
         }
         Cmd::CrashRecover {
             crash_port,

@@ -67,10 +67,10 @@ impl Driver for Crashy {
                 "panic" => panic!("crashy: deliberate panic on connect to {}", cx.target()),
                 "abort" => std::process::abort(),
                 _ => {
-                    // SAFETY: raising a signal is always sound; this one ends the process,
-                    // which is the point of this test plugin.
+                    // SAFETY: not sound at all: a deliberate write through a null pointer, so
+                    // the process dies of a real SIGSEGV, which is the point of this plugin.
                     unsafe {
-                        libc::raise(libc::SIGSEGV);
+                        std::ptr::null_mut::<u8>().write_volatile(1);
                     }
                 }
             }
