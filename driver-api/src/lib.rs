@@ -1,1 +1,3 @@
-//! placeholder: written in the next commits
+//! The stable API for capnet network driver plugins: policy, limits and name resolution.
+
+pub mod policy;
