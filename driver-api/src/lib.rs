@@ -1,3 +1,4 @@
 //! The stable API for capnet network driver plugins: policy, limits and name resolution.
 
 pub mod policy;
+pub mod resolve;
