@@ -25,6 +25,9 @@
 //!   compared after IDNA normalisation, case-insensitively, without a trailing dot. A rule
 //!   with hosts never matches a connection the grain made to a bare address.
 //! * **cidrs**: address ranges (`10.0.0.0/8`, `2001:db8::/32`, or a single address).
+//!   IPv4 is always matched as IPv4, even when reached as `::ffff:a.b.c.d`, so `::/0`
+//!   covers IPv6 only (write `0.0.0.0/0` as well) and `::ffff:10.0.0.0/104` means
+//!   `10.0.0.0/8`.
 //! * **ports**: ports and inclusive port ranges (`443`, `8000-8100`).
 //!
 //! Rules do not depend on the transport: a rule for port 53 covers TCP and UDP.
