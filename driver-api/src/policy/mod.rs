@@ -569,7 +569,8 @@ impl<'a> Hits<'a> {
 }
 
 /// An immutable, compiled policy: the driver's rules, a grant's rules and the built-in
-/// defaults. Cheap to share (`Arc<Policy>`); [`Policy::decide`] allocates nothing.
+/// defaults. Cheap to share (`Arc<Policy>`); [`Policy::decide`] allocates nothing unless more
+/// than 16 allow rules match one target.
 #[derive(Debug)]
 pub struct Policy {
     rules: Vec<CompiledRule>,
