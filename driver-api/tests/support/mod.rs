@@ -1,0 +1,5 @@
+//! Test support shared by the integration tests: a tiny DNS server on loopback.
+
+#![allow(dead_code)]
+
+pub mod dns;
