@@ -131,6 +131,13 @@ impl HelperImage {
     }
 }
 
+impl From<HelperImage> for OwnedFd {
+    /// The sealed memfd, e.g. to hand an approved image to a sandbox as [`Program::Fd`].
+    fn from(image: HelperImage) -> OwnedFd {
+        image.fd
+    }
+}
+
 /// Why the spawner could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnerError {
