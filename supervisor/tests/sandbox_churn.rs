@@ -22,7 +22,9 @@ fn children_of_self() -> BTreeSet<String> {
 }
 
 fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
 }
 
 /// Scenario: 500 grains running /bin/true are started and torn down one after another.
