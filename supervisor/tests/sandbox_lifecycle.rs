@@ -104,3 +104,46 @@ fn supervisor_sigkill_takes_the_sandbox_down() {
         std::fs::remove_dir(dir.parent().unwrap()).unwrap();
     }
 }
+
+/// Scenario: a grain that started background processes is killed and torn down while
+/// running.
+/// Promise: `kill()` ends it (reported as SIGKILL), and `teardown()` leaves no process
+/// and no cgroup directory behind.
+#[test]
+fn teardown_of_a_busy_sandbox_leaves_nothing() {
+    let spawner = common::spawner("busy");
+    let (spec, _rpc) = common::grain_spec(
+        "busy",
+        "/bin/sh",
+        &["-c", "sleep 1000 & sleep 1000 & exec sleep 1000"],
+    );
+    let sb = spawner.spawn(spec).unwrap();
+    let dirs = sb.cgroup.dirs();
+    // Wait (through the cgroup's own accounting) until the shell has started both
+    // background sleeps: helper + init + 3 sleeps.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sb.cgroup.pids().unwrap().len() < 5 {
+        assert!(Instant::now() < deadline, "{:?}", sb.cgroup.pids());
+        std::thread::yield_now();
+    }
+    let pids = sb.cgroup.pids().unwrap();
+    let pidfds: Vec<_> = pids
+        .iter()
+        .map(|&p| capnet_supervisor::sys::pidfd_open(p).unwrap())
+        .collect();
+    sb.kill();
+    let exit = sb.wait_blocking().unwrap();
+    assert_eq!(exit.reason, ExitReason::Signaled(libc::SIGKILL));
+    sb.teardown().unwrap();
+    for (pid, fd) in pids.iter().zip(&pidfds) {
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        assert_eq!(
+            poll(&mut fds, PollTimeout::ZERO).unwrap(),
+            1,
+            "process {pid} survived teardown"
+        );
+    }
+    for d in dirs {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+}

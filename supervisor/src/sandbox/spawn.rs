@@ -272,7 +272,8 @@ impl Spawner {
 
     /// Builds and starts a sandbox; returns once the app has been exec'd (or setup
     /// failed). Blocking: call it from a blocking thread (`spawn_blocking`), not from an
-    /// async task.
+    /// async task. Spawns are serialised on the spawner thread (a few milliseconds each;
+    /// a sandbox whose setup hangs is killed after [`SETUP_TIMEOUT`]).
     pub fn spawn(&self, spec: SandboxSpec) -> Result<Sandboxed, SpawnError> {
         let (reply, rx) = mpsc::sync_channel(1);
         self.tx
@@ -559,7 +560,11 @@ pub struct SandboxExit {
     pub runtime: Duration,
 }
 
-/// A running (or exited, not yet torn down) sandbox. Dropping it tears it down.
+/// A running (or exited, not yet torn down) sandbox.
+///
+/// Dropping it tears it down like [`Sandboxed::teardown`], which blocks (kill, reap,
+/// rmdir with bounded retries): drop or tear down from a blocking thread, not from an
+/// async task.
 #[derive(Debug)]
 pub struct Sandboxed {
     /// The sandbox id.
