@@ -11,6 +11,8 @@
 //!   granted; [`membrane`] proxies every call between grains and drivers.
 //! * [`admin`] serves the administrator's API; [`cli`] is its command-line client.
 //! * [`audit`] records security-relevant events.
+//! * [`sandbox`] builds the namespaced, cgroup-limited, seccomp-filtered processes that
+//!   grains and driver hosts run in.
 //! * [`sys`] holds every raw system call and foreign-function call of this crate.
 
 pub mod admin;
@@ -24,4 +26,5 @@ pub mod grains;
 pub mod grants;
 pub mod membrane;
 pub mod powerbox;
+pub mod sandbox;
 pub mod sys;

@@ -1,0 +1,281 @@
+//! Shared helpers for the privileged sandbox tests.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{Read, Seek};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use capnet_supervisor::sandbox::{Limits, Program, Role, SandboxSpec, Spawner};
+
+/// The helper binary of this package.
+pub fn helper_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_capnet-sandbox"))
+}
+
+/// A spawner with its own cgroup parent, so tests running in parallel never touch each
+/// other's sandboxes.
+pub fn spawner(name: &str) -> Spawner {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the sandbox tests need root (they create namespaces and cgroups)"
+    );
+    Spawner::new(
+        &helper_path(),
+        &format!("capnet-test-{name}-{}", std::process::id()),
+    )
+    .expect("create spawner")
+}
+
+/// `target/<profile>/<name>`: a binary of another workspace package.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build -p capnet-probe`",
+        p.display()
+    );
+    p
+}
+
+/// A directory holding a copy of the probe, to be mounted at /app.
+pub fn probe_app_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        workspace_bin("capnet-probe"),
+        dir.path().join("capnet-probe"),
+    )
+    .expect("copy probe");
+    // The app tree must be readable by the unprivileged sandbox user.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+static NEXT_UID: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh unprivileged host uid for each sandbox of this test process.
+pub fn host_id() -> u32 {
+    200_000 + (std::process::id() % 1000) * 1000 + NEXT_UID.fetch_add(1, Ordering::Relaxed) % 1000
+}
+
+/// A log file the test can read back after the sandbox ended.
+pub struct Log(pub std::fs::File);
+
+impl Log {
+    pub fn new() -> (Log, OwnedFd) {
+        let f = tempfile::tempfile().expect("tempfile");
+        let fd = OwnedFd::from(f.try_clone().expect("dup"));
+        (Log(f), fd)
+    }
+    pub fn read(&mut self) -> String {
+        let mut s = String::new();
+        self.0.rewind().unwrap();
+        self.0.read_to_string(&mut s).unwrap();
+        s
+    }
+}
+
+/// A grain spec running `program args` with the host's /usr, /lib, /lib64, /bin bound
+/// read-only, fd 3 one end of a socketpair (the other end is returned).
+pub fn grain_spec(id: &str, program: &str, args: &[&str]) -> (SandboxSpec, UnixStream) {
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let uid = host_id();
+    let spec = SandboxSpec {
+        id: id.to_string(),
+        role: Role::Grain,
+        program: Program::Path(program.into()),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        app_dir: None,
+        var_dir: None,
+        ro_binds: SandboxSpec::system_binds(),
+        tmp_size_bytes: 16 << 20,
+        limits: Limits {
+            memory_bytes: 128 << 20,
+            pids: 64,
+            cpu_millis: 1000,
+            nofile: 256,
+            fsize_bytes: 64 << 20,
+        },
+        host_uid: uid,
+        host_gid: uid,
+        rpc_fd: OwnedFd::from(theirs),
+        extra_fds: Vec::new(),
+        log_fd: None,
+        ambient_caps: Vec::new(),
+    };
+    (spec, ours)
+}
+
+/// One line of probe output.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub outcome: String,
+    pub detail: String,
+    pub errno: Option<i32>,
+}
+
+/// Parses the probe's JSON lines (attack → outcome); panics on a malformed line.
+pub fn parse_probe(log: &str) -> std::collections::BTreeMap<String, Outcome> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).expect("probe line is JSON");
+        let attack = v["attack"].as_str().unwrap().to_string();
+        out.insert(
+            attack,
+            Outcome {
+                outcome: v["outcome"].as_str().unwrap().to_string(),
+                detail: v["detail"].as_str().unwrap_or("").to_string(),
+                errno: v["errno"].as_i64().map(|e| e as i32),
+            },
+        );
+    }
+    out
+}
+
+/// A grain running the probe from /app with `args`; returns spec, rpc end, log, app dir.
+pub fn probe_grain(id: &str, args: &[&str]) -> (SandboxSpec, UnixStream, Log, tempfile::TempDir) {
+    let app = probe_app_dir();
+    let (mut spec, rpc) = grain_spec(id, "/app/capnet-probe", args);
+    spec.app_dir = Some(app.path().to_path_buf());
+    let (log, fd) = Log::new();
+    spec.log_fd = Some(fd);
+    (spec, rpc, log, app)
+}
+
+/// Asserts that every syscall-class attack of the probe was refused by the seccomp
+/// profile with the errno the profile defines (not merely failed for another reason).
+pub fn assert_syscall_walls(r: &std::collections::BTreeMap<String, Outcome>) {
+    let expect = |attack: &str, errno: i32| {
+        let o = r
+            .get(attack)
+            .unwrap_or_else(|| panic!("probe did not report {attack}"));
+        assert_eq!(
+            (o.outcome.as_str(), o.errno),
+            ("refused", Some(errno)),
+            "{attack}: {o:?}"
+        );
+    };
+    for a in [
+        "ptrace_traceme",
+        "ptrace_attach_init",
+        "process_vm_readv",
+        "process_vm_writev",
+        "pidfd_getfd",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "bpf",
+        "perf_event_open",
+        "userfaultfd",
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_register",
+        "mount_tmpfs",
+        "mount_bind_root",
+        "umount_proc",
+        "pivot_root",
+        "chroot",
+        "move_mount",
+        "fsopen",
+        "fsconfig",
+        "fsmount",
+        "fspick",
+        "open_tree",
+        "mount_setattr",
+        "unshare_user",
+        "unshare_net",
+        "unshare_mount",
+        "unshare_files",
+        "setns",
+        "clone_newuser",
+        "clone_newpid",
+        "clone_newns",
+        "clone_newnet",
+        "clone_newipc",
+        "clone_newuts",
+        "clone_newcgroup",
+        "open_by_handle_at",
+        "name_to_handle_at",
+        "kexec_load",
+        "kexec_file_load",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "ioctl_tiocsti",
+        "ioctl_tiocsti_high_bits",
+        "ioctl_tioclinux",
+        "personality_no_aslr",
+        "personality_read_implies_exec",
+        "acct",
+        "swapon",
+        "swapoff",
+        "reboot_cad_off",
+        "settimeofday",
+        "clock_settime",
+        "adjtimex",
+        "syslog",
+        "quotactl",
+        "lookup_dcookie",
+        "vhangup",
+        "iopl",
+        "ioperm",
+        "modify_ldt",
+        "uselib",
+        "sysctl",
+        "sysfs",
+        "mbind",
+        "migrate_pages",
+        "move_pages",
+        "set_mempolicy",
+        "fanotify_init",
+        "socket_inet_raw",
+        "socket_inet6_raw",
+        "socket_inet_packet",
+        "socket_inet_raw_cloexec",
+    ] {
+        expect(a, libc::EPERM);
+    }
+    expect("clone3_newuser", libc::ENOSYS);
+    for a in [
+        "socket_netlink",
+        "socket_packet",
+        "socket_vsock",
+        "socket_alg",
+        "socket_bluetooth",
+        "socket_family_255",
+    ] {
+        expect(a, libc::EAFNOSUPPORT);
+    }
+    // Other ABIs are killed by the bad-arch action (SIGSYS = 31).
+    for a in ["int80_getpid", "x32_getpid", "x32_ptrace"] {
+        let o = &r[a];
+        assert_eq!(
+            (o.outcome.as_str(), o.detail.as_str()),
+            ("killed", "signal 31"),
+            "{a}"
+        );
+    }
+    for c in [
+        "control:socket_unix",
+        "control:socket_inet",
+        "control:socket_inet6",
+        "control:personality_query",
+    ] {
+        assert_eq!(r[c].outcome, "succeeded", "{c}: {:?}", r[c]);
+    }
+}
+
+/// Asserts the confinement properties the probe reads from /proc/self/status and co.
+pub fn assert_privileges_dropped(r: &std::collections::BTreeMap<String, Outcome>) {
+    for a in ["privileges", "inherited_fds", "session", "core_dumps"] {
+        assert_eq!(r[a].outcome, "refused", "{a}: {:?}", r[a]);
+    }
+}
