@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use capnet_schemas::bytestream::{WriterStream, write_request};
+use capnet_schemas::bytestream::{WriteGate, WriterStream, write_request};
 use capnet_schemas::rpc::CHUNK_BYTES;
 use capnet_schemas::util_capnp::byte_stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -22,6 +22,7 @@ use tokio::task::AbortHandle;
 use crate::driver::{BoxStream, Connection};
 use crate::events::{Event, EventKind};
 use crate::grant::GrantState;
+use crate::limits::ConnectionPermit;
 
 pub(crate) struct ConnShared {
     stream: RefCell<Option<BoxStream>>,
@@ -34,11 +35,16 @@ pub(crate) struct ConnShared {
     started: Instant,
     peer: String,
     grant: Rc<GrantState>,
+    _permit: ConnectionPermit,
 }
 
 impl ConnShared {
     /// Wraps an established connection and registers it with its grant.
-    pub(crate) fn new(conn: Connection, grant: Rc<GrantState>) -> Rc<Self> {
+    pub(crate) fn new(
+        conn: Connection,
+        grant: Rc<GrantState>,
+        permit: ConnectionPermit,
+    ) -> Rc<Self> {
         grant.open_connections.set(grant.open_connections.get() + 1);
         grant
             .connections_total
@@ -56,6 +62,7 @@ impl ConnShared {
             started: Instant::now(),
             peer: conn.peer,
             grant: grant.clone(),
+            _permit: permit,
         });
         grant.register_conn(&shared);
         shared
@@ -97,11 +104,15 @@ impl ConnShared {
     /// `done()` half-closes, releasing it without `done()` aborts the connection.
     pub(crate) fn writer_stream(self: &Rc<Self>) -> WriterStream<WriteHalf> {
         let weak = Rc::downgrade(self);
-        WriterStream::new(WriteHalf(self.clone())).on_abort(move || {
+        let w = WriterStream::new(WriteHalf(self.clone())).on_abort(move || {
             if let Some(c) = weak.upgrade() {
                 c.kill("the grain released the stream without done()");
             }
-        })
+        });
+        match outbound_gate(&self.grant) {
+            Some(g) => w.gate(g),
+            None => w,
+        }
     }
 
     /// Starts the network-to-grain pump into `downstream`.
@@ -119,6 +130,12 @@ impl ConnShared {
                     let _ = downstream.done_request().send().promise.await;
                     return;
                 }
+                if let Some(c) = conn.upgrade() {
+                    let throttle = c.grant.limiter.inbound_bytes();
+                    if throttle.per_second() > 0 {
+                        throttle.acquire(n).await;
+                    }
+                }
                 if write_request(&downstream, &buf[..n]).send().await.is_err() {
                     if let Some(c) = conn.upgrade() {
                         c.kill("the grain's receiving stream failed");
@@ -129,6 +146,18 @@ impl ConnShared {
         });
         *self.pump.borrow_mut() = Some(task.abort_handle());
     }
+}
+
+/// The per-grant outbound byte-rate limit as a write gate (none when unlimited).
+pub(crate) fn outbound_gate(grant: &Rc<GrantState>) -> Option<WriteGate> {
+    if grant.limiter.outbound_bytes().per_second() == 0 {
+        return None;
+    }
+    let g = grant.clone();
+    Some(Rc::new(move |n| {
+        let g = g.clone();
+        Box::pin(async move { g.limiter.outbound_bytes().acquire(n).await })
+    }))
 }
 
 impl Drop for ConnShared {

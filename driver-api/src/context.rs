@@ -13,29 +13,13 @@ use crate::driver::{Connection, DriverError, Listener};
 use crate::events::{Event, EventKind};
 use crate::grant::GrantState;
 use crate::host::DriverHost;
-use crate::policy_interim::Direction;
+use crate::policy::{Direction, RuleSource, Transport};
+use crate::resolve::{VetError, resolve_vetted};
 
 /// How long an outbound TCP connect may take before it fails.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// How a grain named a host.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HostSpec {
-    /// A DNS name, already normalised (lower case, no trailing dot).
-    Name(String),
-    /// An address.
-    Addr(IpAddr),
-}
-
-impl std::fmt::Display for HostSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HostSpec::Name(n) => f.write_str(n),
-            HostSpec::Addr(IpAddr::V6(a)) => write!(f, "[{a}]"),
-            HostSpec::Addr(a) => write!(f, "{a}"),
-        }
-    }
-}
+pub use crate::policy::HostSpec;
 
 /// Where a grain wants to connect.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,7 +32,10 @@ pub struct Target {
 
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
+        match &self.host {
+            HostSpec::Addr(IpAddr::V6(a)) => write!(f, "[{a}]:{}", self.port),
+            host => write!(f, "{host}:{}", self.port),
+        }
     }
 }
 
@@ -103,46 +90,90 @@ impl ConnectContext {
     /// that map a port, for example).
     pub async fn dial_port(&self, port: u16) -> Result<TcpStream, DriverError> {
         let g = &self.grant;
-        let (name, addrs) = match &self.target.host {
-            HostSpec::Addr(a) => (None, vec![*a]),
-            HostSpec::Name(n) => (Some(n.as_str()), g.host.resolve(n).await?),
+        let hs = &g.host;
+        if let HostSpec::Name(n) = &self.target.host
+            && !hs.privileges().dns
+            && !hs.has_static_host(n.as_str())
+        {
+            return Err(DriverError::Refused {
+                what: format!("resolving {n}"),
+                rule: "the driver was not approved for DNS".into(),
+            });
+        }
+        let vetted = resolve_vetted(
+            &g.policy,
+            hs.resolver(),
+            &self.target.host,
+            port,
+            Direction::Outbound,
+            Transport::Tcp,
+        )
+        .await;
+        let refused = match &vetted {
+            Ok(v) => v.refused(),
+            Err(e) => e.refused(),
         };
-        let mut vetted = Vec::new();
-        for addr in addrs {
-            let d = g.policy.decide(name, Some(addr), port, Direction::Outbound);
-            let dest = SocketAddr::new(addr, port);
-            if d.allowed {
-                vetted.push((dest, d.rule));
-            } else {
+        for r in refused {
+            g.refusals.set(g.refusals.get() + 1);
+            hs.report(
+                Event::new(
+                    &g.id,
+                    EventKind::ConnectRefused,
+                    SocketAddr::new(r.addr, port).to_string(),
+                )
+                .rule(r.decision.rule.to_string())
+                .detail(format!(
+                    "{} resolved to a refused address",
+                    self.target.host
+                )),
+            );
+        }
+        let vetted = match vetted {
+            Ok(v) => v,
+            Err(VetError::Denied {
+                host,
+                port,
+                decision,
+            }) => {
                 g.refusals.set(g.refusals.get() + 1);
-                g.host.report(
-                    Event::new(&g.id, EventKind::ConnectRefused, dest.to_string())
-                        .rule(d.rule.clone())
-                        .detail(match name {
-                            Some(n) => format!("{n} resolved to a refused address"),
-                            None => String::new(),
-                        }),
+                hs.report(
+                    Event::new(&g.id, EventKind::ConnectRefused, format!("{host}:{port}"))
+                        .rule(decision.rule.to_string()),
                 );
-                if vetted.is_empty() && name.is_none() {
-                    return Err(DriverError::Refused {
-                        what: format!("connect to {dest}"),
-                        rule: d.rule,
-                    });
-                }
+                return Err(DriverError::Refused {
+                    what: format!("connect to {}", Target { host, port }),
+                    rule: decision.rule.to_string(),
+                });
             }
-        }
-        if vetted.is_empty() {
-            return Err(DriverError::NotFound(self.target.host.to_string()));
-        }
+            Err(VetError::NotFound { name, .. }) => {
+                return Err(DriverError::NotFound(name.to_string()));
+            }
+            Err(e) => {
+                return Err(DriverError::Other(format!(
+                    "resolving {}: {e}",
+                    self.target.host
+                )));
+            }
+        };
         let mut last = None;
-        for (dest, rule) in vetted {
+        for a in vetted.allowed() {
+            let dest = a.socket_addr();
+            let rule = &a.decision().rule;
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    g.host.report(
+                    let source = match a.decision().source {
+                        RuleSource::Default => "default",
+                        RuleSource::Driver => "driver rule",
+                        RuleSource::Grant => "grant rule",
+                    };
+                    hs.report(
                         Event::new(&g.id, EventKind::ConnectAllowed, dest.to_string())
-                            .rule(rule)
-                            .detail(name.map(|n| format!("name {n}")).unwrap_or_default()),
+                            .rule(rule.to_string())
+                            .detail(match &self.target.host {
+                                HostSpec::Name(n) => format!("name {n}; {source}"),
+                                HostSpec::Addr(_) => source.to_string(),
+                            }),
                     );
                     return Ok(stream);
                 }
@@ -172,10 +203,7 @@ impl ConnectContext {
             Encryption::None => Ok(Connection::new(stream, peer)),
             Encryption::Tls => {
                 let config = self.grant.host.tls_config()?;
-                let server_name = match &self.target.host {
-                    HostSpec::Name(n) => n.clone(),
-                    HostSpec::Addr(a) => a.to_string(),
-                };
+                let server_name = self.target.host.to_string();
                 let tls = crate::tls::connect(config, &server_name, stream)
                     .await
                     .map_err(|e| DriverError::io(format!("TLS handshake with {server_name}"), e))?;

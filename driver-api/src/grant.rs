@@ -8,62 +8,32 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
-use std::time::Instant;
 
 use capnet_schemas::descriptor::Encryption;
-use capnet_schemas::policy_capnp::limits;
 
 use crate::conn::ConnShared;
 use crate::host::DriverHost;
+use crate::limits::{ConnectionPermit, GrantLimiter, LimitError, Limits, ListenerPermit};
 use crate::listen::ListenerShared;
-use crate::policy_interim::Policy;
+use crate::policy::{HostSpec, Policy, canonical_ip};
 use crate::servers::DynDriver;
-
-/// Per-grant limits (zero means unlimited).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GrantLimits {
-    /// Concurrent connections.
-    pub max_connections: u32,
-    /// New connections per second.
-    pub connections_per_second: u32,
-    /// Bytes per second in each direction.
-    pub bytes_per_second: u64,
-    /// UDP datagrams per second.
-    pub udp_packets_per_second: u32,
-    /// Largest UDP datagram.
-    pub udp_max_packet_size: u32,
-    /// Concurrent listeners.
-    pub max_listeners: u32,
-}
-
-impl GrantLimits {
-    pub(crate) fn read(r: limits::Reader<'_>) -> Self {
-        Self {
-            max_connections: r.get_max_connections(),
-            connections_per_second: r.get_connections_per_second(),
-            bytes_per_second: r.get_bytes_per_second(),
-            udp_packets_per_second: r.get_udp_packets_per_second(),
-            udp_max_packet_size: r.get_udp_max_packet_size(),
-            max_listeners: r.get_max_listeners(),
-        }
-    }
-}
 
 /// What a narrow grant may reach at most (empty/zero: anything the policy allows).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Scope {
-    pub(crate) host: Option<crate::context::HostSpec>,
+    pub(crate) host: Option<HostSpec>,
     pub(crate) port: u16,
 }
 
 impl Scope {
-    pub(crate) fn check_host(
-        &self,
-        grant: &str,
-        h: &crate::context::HostSpec,
-    ) -> Result<(), capnp::Error> {
+    pub(crate) fn check_host(&self, grant: &str, h: &HostSpec) -> Result<(), capnp::Error> {
+        let same = |a: &HostSpec, b: &HostSpec| match (a, b) {
+            (HostSpec::Addr(x), HostSpec::Addr(y)) => canonical_ip(*x) == canonical_ip(*y),
+            (HostSpec::Name(x), HostSpec::Name(y)) => x == y,
+            _ => false,
+        };
         match &self.host {
-            Some(only) if only != h => Err(capnp::Error::failed(format!(
+            Some(only) if !same(only, h) => Err(capnp::Error::failed(format!(
                 "refused: grant {grant} reaches only host {only}, not {h}"
             ))),
             _ => Ok(()),
@@ -86,7 +56,7 @@ pub(crate) struct GrantTerms {
     pub(crate) id: String,
     pub(crate) grain: String,
     pub(crate) encryption: Encryption,
-    pub(crate) limits: GrantLimits,
+    pub(crate) limits: Limits,
     pub(crate) scope: Scope,
 }
 
@@ -95,7 +65,7 @@ pub(crate) struct GrantState {
     pub(crate) grain: String,
     pub(crate) encryption: Encryption,
     pub(crate) policy: Policy,
-    pub(crate) limits: GrantLimits,
+    pub(crate) limiter: GrantLimiter,
     pub(crate) host: DriverHost,
     pub(crate) driver: Rc<dyn DynDriver>,
     pub(crate) scope: Scope,
@@ -108,7 +78,6 @@ pub(crate) struct GrantState {
     pub(crate) open_listeners: Cell<u32>,
     pub(crate) connections_total: Cell<u64>,
     pub(crate) refusals: Cell<u64>,
-    rate_window: Cell<(Instant, u32)>,
 }
 
 impl GrantState {
@@ -131,7 +100,7 @@ impl GrantState {
             grain,
             encryption,
             policy,
-            limits,
+            limiter: GrantLimiter::new(limits),
             host,
             driver,
             scope,
@@ -144,7 +113,6 @@ impl GrantState {
             open_listeners: Cell::new(0),
             connections_total: Cell::new(0),
             refusals: Cell::new(0),
-            rate_window: Cell::new((Instant::now(), 0)),
         })
     }
 
@@ -191,32 +159,14 @@ impl GrantState {
         ls.push(Rc::downgrade(l));
     }
 
-    /// Checks the connection limits before a new connection; counts it if allowed.
-    pub(crate) fn admit_connection(&self) -> Result<(), String> {
-        let l = &self.limits;
-        if l.max_connections > 0 && self.open_connections.get() >= l.max_connections {
-            return Err(format!(
-                "the grant allows at most {} concurrent connections",
-                l.max_connections
-            ));
-        }
-        if l.connections_per_second > 0 {
-            let (start, count) = self.rate_window.get();
-            let now = Instant::now();
-            let (start, count) = if now.duration_since(start).as_secs_f64() >= 1.0 {
-                (now, 0)
-            } else {
-                (start, count)
-            };
-            if count >= l.connections_per_second {
-                return Err(format!(
-                    "the grant allows at most {} new connections per second",
-                    l.connections_per_second
-                ));
-            }
-            self.rate_window.set((start, count + 1));
-        }
-        Ok(())
+    /// Admits a new connection under the grant's limits; the permit counts it while held.
+    pub(crate) fn admit_connection(&self) -> Result<ConnectionPermit, LimitError> {
+        self.limiter.open_connection()
+    }
+
+    /// Admits a new listener under the grant's limits.
+    pub(crate) fn admit_listener(&self) -> Result<ListenerPermit, LimitError> {
+        self.limiter.open_listener()
     }
 }
 

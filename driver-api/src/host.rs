@@ -14,6 +14,8 @@ use serde::Deserialize;
 use crate::driver::DriverError;
 use crate::events::{Event, EventReporter};
 use crate::manifest::Privileges;
+use crate::policy::HostName;
+use crate::resolve::{Resolver, ResolverOptions};
 
 /// Keys of `[drivers.NAME.options]` that driver-api handles for every driver; the rest is
 /// given to the driver's own `Options` type.
@@ -75,6 +77,7 @@ pub(crate) struct HostState {
     pub(crate) listen_addresses: Vec<IpAddr>,
     pub(crate) options: StandardOptions,
     pub(crate) events: EventReporter,
+    resolver: Resolver,
     pub(crate) started: Instant,
     pub(crate) open_connections: Cell<u32>,
     pub(crate) open_listeners: Cell<u32>,
@@ -95,21 +98,37 @@ impl DriverHost {
         listen_addresses: Vec<IpAddr>,
         options: StandardOptions,
         events: EventReporter,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, DriverError> {
+        let mut ropts = if options.nameservers.is_empty() {
+            ResolverOptions::system()
+        } else {
+            ResolverOptions::with_nameservers(options.nameservers.clone())
+        };
+        for (name, addrs) in &options.static_hosts {
+            let host = HostName::parse(name).map_err(|e| {
+                DriverError::Options(format!("static_hosts: {name:?} is not a host name: {e}"))
+            })?;
+            for a in addrs {
+                ropts = ropts.host(host.clone(), *a);
+            }
+        }
+        let resolver = Resolver::new(&ropts)
+            .map_err(|e| DriverError::Options(format!("cannot set up name resolution: {e}")))?;
+        Ok(Self {
             state: Rc::new(HostState {
                 name,
                 privileges,
                 listen_addresses,
                 options,
                 events,
+                resolver,
                 started: Instant::now(),
                 open_connections: Cell::new(0),
                 open_listeners: Cell::new(0),
                 grants: Cell::new(0),
                 tls: OnceCell::new(),
             }),
-        }
+        })
     }
 
     /// The administrator's name for this driver instance.
@@ -149,31 +168,19 @@ impl DriverHost {
         Ok(config)
     }
 
-    /// Resolves `name` to addresses: static hosts first, then DNS. The result is not vetted;
-    /// use [`ConnectContext::dial`](crate::ConnectContext::dial) or the policy module to vet.
-    pub async fn resolve(&self, name: &str) -> Result<Vec<IpAddr>, DriverError> {
-        let key = name.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(addrs) = self.state.options.static_hosts.get(&key) {
-            return Ok(addrs.clone());
-        }
-        if !self.state.privileges.dns {
-            return Err(DriverError::Refused {
-                what: format!("resolving {name}"),
-                rule: "the driver was not approved for DNS".into(),
-            });
-        }
-        let addrs = tokio::net::lookup_host((key.as_str(), 0))
-            .await
-            .map_err(|_| DriverError::NotFound(name.to_string()))?;
-        let mut out: Vec<IpAddr> = Vec::new();
-        for a in addrs {
-            if !out.contains(&a.ip()) {
-                out.push(a.ip());
-            }
-        }
-        if out.is_empty() {
-            return Err(DriverError::NotFound(name.to_string()));
-        }
-        Ok(out)
+    /// The resolver: static hosts from the options, then `/etc/hosts` and the system's
+    /// (or the configured) name servers. Vet what it returns with the policy, or better,
+    /// use [`ConnectContext::dial`](crate::ConnectContext::dial) or
+    /// [`resolve_vetted`](crate::resolve::resolve_vetted).
+    pub fn resolver(&self) -> &Resolver {
+        &self.state.resolver
+    }
+
+    /// Whether the options list `name` as a static host.
+    pub fn has_static_host(&self, name: &str) -> bool {
+        self.state.options.static_hosts.keys().any(|k| {
+            k.trim_end_matches('.')
+                .eq_ignore_ascii_case(name.trim_end_matches('.'))
+        })
     }
 }

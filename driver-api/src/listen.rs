@@ -17,6 +17,7 @@ use crate::conn::ConnShared;
 use crate::driver::Listener;
 use crate::events::{Event, EventKind};
 use crate::grant::GrantState;
+use crate::limits::ListenerPermit;
 
 pub(crate) struct ListenerShared {
     grant: Rc<GrantState>,
@@ -24,6 +25,7 @@ pub(crate) struct ListenerShared {
     addrs: Vec<SocketAddr>,
     task: RefCell<Option<AbortHandle>>,
     stopped: Cell<bool>,
+    permit: RefCell<Option<ListenerPermit>>,
 }
 
 impl ListenerShared {
@@ -33,6 +35,7 @@ impl ListenerShared {
         port_num: u16,
         mut listener: Box<dyn Listener>,
         port: tcp_port::Client,
+        permit: ListenerPermit,
     ) -> Rc<Self> {
         let addrs = listener.local_addrs();
         grant.open_listeners.set(grant.open_listeners.get() + 1);
@@ -53,15 +56,18 @@ impl ListenerShared {
                 if g.is_revoked() {
                     return;
                 }
-                if let Err(msg) = g.admit_connection() {
-                    g.host.report(
-                        Event::new(&g.id, EventKind::LimitHit, conn.peer.clone()).detail(format!(
-                            "inbound connection on port {port_num} dropped: {msg}"
-                        )),
-                    );
-                    continue;
-                }
-                let shared = ConnShared::new(conn, g.clone());
+                let permit = match g.admit_connection() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        g.host.report(
+                            Event::new(&g.id, EventKind::LimitHit, conn.peer.clone()).detail(
+                                format!("inbound connection on port {port_num} dropped: {e}"),
+                            ),
+                        );
+                        continue;
+                    }
+                };
+                let shared = ConnShared::new(conn, g.clone(), permit);
                 let port = port.clone();
                 tokio::task::spawn_local(async move {
                     let downstream: byte_stream::Client =
@@ -87,6 +93,7 @@ impl ListenerShared {
             addrs,
             task: RefCell::new(Some(task.abort_handle())),
             stopped: Cell::new(false),
+            permit: RefCell::new(Some(permit)),
         });
         grant.register_listener(&shared);
         grant.host.report(
@@ -116,6 +123,7 @@ impl ListenerShared {
         if let Some(t) = self.task.borrow_mut().take() {
             t.abort();
         }
+        self.permit.borrow_mut().take();
         let g = &self.grant;
         g.open_listeners
             .set(g.open_listeners.get().saturating_sub(1));

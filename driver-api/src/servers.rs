@@ -22,11 +22,12 @@ use crate::conn::ConnShared;
 use crate::context::{ConnectContext, HostSpec, ListenContext, Target};
 use crate::driver::{Connection, Driver, DriverError, Listener};
 use crate::events::{Event, EventKind, EventReporter};
-use crate::grant::{GrantLimits, GrantState, GrantTerms};
+use crate::grant::{GrantState, GrantTerms};
 use crate::host::{DriverHost, split_options};
+use crate::limits::Limits;
 use crate::listen::{ListenHandleImpl, ListenerShared};
 use crate::manifest::Privileges;
-use crate::policy_interim::{Direction, Policy};
+use crate::policy::{Policy, Target as PolicyTarget, Transport};
 
 /// The plugin's `Driver`, without its type.
 pub(crate) trait DynDriver {
@@ -99,7 +100,7 @@ impl<D: Driver> DriverImpl<D> {
                 .map_err(|_| Error::failed(format!("listen address {a:?} is not an IP address")))?;
             listen.push(ip);
         }
-        let host = DriverHost::new(name, privileges, listen, standard, events);
+        let host = DriverHost::new(name, privileges, listen, standard, events)?;
         let driver = D::start(options, &host)?;
         let mut policy = capnp::message::Builder::new_default();
         policy.set_root(config.get_policy()?)?;
@@ -162,7 +163,8 @@ impl<D: Driver> driver::Server for DriverImpl<D> {
                 driver_policy,
                 spec.get_policy()?,
                 s.host.privileges().low_ports,
-            )?;
+            )
+            .map_err(|e| Error::failed(format!("invalid policy for grant: {e}")))?;
             let encryption = match spec.get_encryption()? {
                 grant_spec::Encryption::None => Encryption::None,
                 grant_spec::Encryption::Tls => Encryption::Tls,
@@ -181,7 +183,7 @@ impl<D: Driver> driver::Server for DriverImpl<D> {
                     id: spec.get_grant_id()?.to_str()?.to_string(),
                     grain: spec.get_grain_id()?.to_str()?.to_string(),
                     encryption,
-                    limits: GrantLimits::read(spec.get_limits()?),
+                    limits: Limits::read_capnp(spec.get_limits()?),
                     scope,
                 },
                 policy,
@@ -271,42 +273,9 @@ impl grant_session::Server for GrantSessionImpl {
 }
 
 /// Parses what a grain passed to `getRemoteHostByName`: a textual IP address (strict
-/// syntax) or a DNS name (normalised to lower case, no trailing dot).
+/// syntax) or a DNS name (IDNA-normalised).
 pub(crate) fn parse_host(text: &str) -> Result<HostSpec, DriverError> {
-    let t = text.trim();
-    let bracketed = t.strip_prefix('[').and_then(|s| s.strip_suffix(']'));
-    if let Some(inner) = bracketed {
-        return inner
-            .parse::<std::net::Ipv6Addr>()
-            .map(|a| HostSpec::Addr(IpAddr::V6(a).to_canonical()))
-            .map_err(|_| DriverError::Other(format!("{text:?} is not a valid IPv6 address")));
-    }
-    if let Ok(a) = t.parse::<IpAddr>() {
-        return Ok(HostSpec::Addr(a.to_canonical()));
-    }
-    let name = t.trim_end_matches('.').to_ascii_lowercase();
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-        // A name whose last label is numeric would be an odd encoding of an address.
-        && !name
-            .rsplit('.')
-            .next()
-            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()) || l.starts_with("0x"));
-    if !valid {
-        return Err(DriverError::Other(format!(
-            "{text:?} is neither a valid host name nor an IP address in standard notation"
-        )));
-    }
-    Ok(HostSpec::Name(name))
+    HostSpec::parse(text.trim()).map_err(|e| DriverError::Other(format!("{text:?}: {e}")))
 }
 
 /// `IpNetwork` under one grant.
@@ -411,17 +380,25 @@ impl tcp_port::Server for TcpPortImpl {
             }
             .into());
         }
-        if let Err(msg) = g.admit_connection() {
-            g.host.report(
-                Event::new(&g.id, EventKind::LimitHit, self.target.to_string()).detail(msg.clone()),
-            );
-            return Err(DriverError::Limit(msg).into());
-        }
+        let permit = match g.admit_connection() {
+            Ok(p) => p,
+            Err(e) => {
+                g.host.report(
+                    Event::new(&g.id, EventKind::LimitHit, self.target.to_string())
+                        .detail(e.to_string()),
+                );
+                return Err(DriverError::Limit(e.to_string()).into());
+            }
+        };
         // The grain may pipeline writes on `upstream` before the connection exists:
         // they wait inside the pending stream until it is made (or fail with its error).
         let slot: Rc<RefCell<std::rc::Weak<ConnShared>>> = Rc::default();
         let aborted = Rc::new(Cell::new(false));
         let (upstream, writer_tx) = WriterStream::pending();
+        let upstream = match crate::conn::outbound_gate(g) {
+            Some(gate) => upstream.gate(gate),
+            None => upstream,
+        };
         let (slot2, aborted2) = (slot.clone(), aborted.clone());
         let upstream = upstream.on_abort(move || {
             aborted2.set(true);
@@ -450,7 +427,7 @@ impl tcp_port::Server for TcpPortImpl {
             let _ = writer_tx.send(Err(e.to_string()));
             return Err(e);
         }
-        let shared = ConnShared::new(conn, g.clone());
+        let shared = ConnShared::new(conn, g.clone(), permit);
         *slot.borrow_mut() = Rc::downgrade(&shared);
         let (_, writer) = shared.halves();
         let _ = writer_tx.send(Ok(writer));
@@ -485,36 +462,50 @@ impl ip_interface::Server for InterfaceImpl {
             }
             .into());
         }
-        let d = g.policy.decide(None, None, port_num, Direction::Inbound);
+        let mut d = None;
+        for addr in g.host.listen_addresses() {
+            let decision = g
+                .policy
+                .decide(&PolicyTarget::inbound(*addr, port_num, Transport::Tcp));
+            if d.is_none() || !decision.allowed {
+                d = Some(decision);
+            }
+        }
+        let Some(d) = d else {
+            return Err(
+                DriverError::Other("the driver has no listen addresses configured".into()).into(),
+            );
+        };
         if !d.allowed {
             g.refusals.set(g.refusals.get() + 1);
             g.host.report(
                 Event::new(&g.id, EventKind::ConnectRefused, format!("port {port_num}"))
-                    .rule(d.rule.clone())
+                    .rule(d.rule.to_string())
                     .detail("listen refused"),
             );
             return Err(DriverError::Refused {
                 what: format!("listen on port {port_num}"),
-                rule: d.rule,
+                rule: d.rule.to_string(),
             }
             .into());
         }
-        let max = g.limits.max_listeners;
-        if max > 0 && g.open_listeners.get() >= max {
-            let msg = format!("the grant allows at most {max} listeners");
-            g.host.report(
-                Event::new(&g.id, EventKind::LimitHit, format!("port {port_num}"))
-                    .detail(msg.clone()),
-            );
-            return Err(DriverError::Limit(msg).into());
-        }
+        let permit = match g.admit_listener() {
+            Ok(p) => p,
+            Err(e) => {
+                g.host.report(
+                    Event::new(&g.id, EventKind::LimitHit, format!("port {port_num}"))
+                        .detail(e.to_string()),
+                );
+                return Err(DriverError::Limit(e.to_string()).into());
+            }
+        };
         let cx = ListenContext {
             grant: g.clone(),
             port: port_num,
         };
         let listener = g.driver.listen(cx).await?;
         g.check_live()?;
-        let shared = ListenerShared::start(g.clone(), port_num, listener, port);
+        let shared = ListenerShared::start(g.clone(), port_num, listener, port, permit);
         let h: capnet_schemas::util_capnp::handle::Client =
             capnp_rpc::new_client(ListenHandleImpl { listener: shared });
         results.get().set_handle(h);

@@ -29,8 +29,9 @@ use capnp_rpc::rpc_twoparty_capnp::Side;
 
 use crate::driver::Driver;
 use crate::events::Event;
+use crate::limits::Limits;
 use crate::manifest::{Manifest, Privileges};
-use crate::policy_interim::{RuleConfig, write_rules};
+use crate::policy::{Action, RuleConfig, RuleDirection, write_rule_configs};
 use crate::servers::DriverImpl;
 
 /// How to start the driver under test.
@@ -63,10 +64,12 @@ impl Default for HarnessConfig {
             },
             listen_addresses: vec!["127.0.0.1".into()],
             rules: vec![RuleConfig {
-                action: "allow".into(),
+                action: Action::Allow,
+                hosts: Vec::new(),
                 cidrs: vec!["127.0.0.0/8".into(), "::1/128".into()],
+                ports: Vec::new(),
+                direction: RuleDirection::Both,
                 label: "test: loopback".into(),
-                ..Default::default()
             }],
         }
     }
@@ -84,7 +87,7 @@ pub struct GrantConfig {
     /// The grant's own rules.
     pub rules: Vec<RuleConfig>,
     /// Limits.
-    pub limits: crate::GrantLimits,
+    pub limits: Limits,
     /// The only host reachable (narrow grants).
     pub scope_host: Option<String>,
     /// The only port reachable (narrow grants).
@@ -140,7 +143,8 @@ impl Harness {
             for (i, a) in config.listen_addresses.iter().enumerate() {
                 la.set(i as u32, a);
             }
-            write_rules(&config.rules, c.init_policy()).map_err(capnp::Error::failed)?;
+            write_rule_configs(&config.rules, c.init_policy())
+                .map_err(|e| capnp::Error::failed(e.to_string()))?;
         }
         let resp = req.send().promise.await?;
         let manifest = Manifest::read(resp.get()?.get_manifest()?)
@@ -174,17 +178,11 @@ impl Harness {
             } else {
                 grant_spec::Encryption::None
             });
-            write_rules(&grant.rules, s.reborrow().init_policy()).map_err(capnp::Error::failed)?;
+            write_rule_configs(&grant.rules, s.reborrow().init_policy())
+                .map_err(|e| capnp::Error::failed(e.to_string()))?;
             s.set_scope_host(grant.scope_host.as_deref().unwrap_or(""));
             s.set_scope_port(grant.scope_port);
-            let l = grant.limits;
-            let mut lb = s.init_limits();
-            lb.set_max_connections(l.max_connections);
-            lb.set_connections_per_second(l.connections_per_second);
-            lb.set_bytes_per_second(l.bytes_per_second);
-            lb.set_udp_packets_per_second(l.udp_packets_per_second);
-            lb.set_udp_max_packet_size(l.udp_max_packet_size);
-            lb.set_max_listeners(l.max_listeners);
+            grant.limits.write_capnp(s.init_limits());
         }
         let session = req.send().promise.await?.get()?.get_session()?;
         Ok(TestGrant { session })

@@ -33,10 +33,15 @@ enum WriterState<W> {
 
 type AbortHook = Box<dyn FnOnce()>;
 
+/// An asynchronous admission check run before each write with the write's size (a rate
+/// limiter, for example).
+pub type WriteGate = Rc<dyn Fn(usize) -> std::pin::Pin<Box<dyn Future<Output = ()>>>>;
+
 /// A `ByteStream` server that writes into an `AsyncWrite`.
 pub struct WriterStream<W: AsyncWrite + Unpin + 'static> {
     state: RefCell<WriterState<W>>,
     on_abort: RefCell<Option<AbortHook>>,
+    gate: Option<WriteGate>,
 }
 
 impl<W: AsyncWrite + Unpin + 'static> WriterStream<W> {
@@ -45,6 +50,7 @@ impl<W: AsyncWrite + Unpin + 'static> WriterStream<W> {
         Self {
             state: RefCell::new(WriterState::Ready(writer)),
             on_abort: RefCell::new(None),
+            gate: None,
         }
     }
 
@@ -56,6 +62,7 @@ impl<W: AsyncWrite + Unpin + 'static> WriterStream<W> {
         let s = Self {
             state: RefCell::new(WriterState::Pending(rx)),
             on_abort: RefCell::new(None),
+            gate: None,
         };
         (s, tx)
     }
@@ -64,6 +71,12 @@ impl<W: AsyncWrite + Unpin + 'static> WriterStream<W> {
     /// disconnected), so the owner can abort the connection.
     pub fn on_abort(self, hook: impl FnOnce() + 'static) -> Self {
         *self.on_abort.borrow_mut() = Some(Box::new(hook));
+        self
+    }
+
+    /// Runs `gate` before every write, with the write's size; the write waits for it.
+    pub fn gate(mut self, gate: WriteGate) -> Self {
+        self.gate = Some(gate);
         self
     }
 
@@ -133,6 +146,9 @@ fn close_on_abort<W: AsyncWrite + Unpin>(w: &mut W) {
 impl<W: AsyncWrite + Unpin + 'static> byte_stream::Server for WriterStream<W> {
     async fn write(self: Rc<Self>, params: byte_stream::WriteParams) -> Result<(), Error> {
         let data = params.get()?.get_data()?;
+        if let Some(gate) = &self.gate {
+            gate(data.len()).await;
+        }
         let mut w = self.take().await?;
         match w.write_all(data).await {
             Ok(()) => {

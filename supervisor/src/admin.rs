@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
-use capnet_driver_api::GrantLimits;
-use capnet_driver_api::policy_interim::RuleConfig;
+use capnet_driver_api::Limits as GrantLimits;
+use capnet_driver_api::policy::RuleConfig;
 use capnet_schemas::admin_capnp::{admin, grain_info, powerbox_request};
 use capnet_schemas::rpc::two_party;
 use capnp::Error;
@@ -264,17 +264,9 @@ impl admin::Server for AdminImpl {
         }
         let mut rules = Vec::new();
         for r in c.get_rules()? {
-            rules.push(RuleConfig::read(r)?);
+            rules.push(RuleConfig::read_capnp(r).map_err(err)?);
         }
-        let l = c.get_limits()?;
-        let limits = GrantLimits {
-            max_connections: l.get_max_connections(),
-            connections_per_second: l.get_connections_per_second(),
-            bytes_per_second: l.get_bytes_per_second(),
-            udp_packets_per_second: l.get_udp_packets_per_second(),
-            udp_max_packet_size: l.get_udp_max_packet_size(),
-            max_listeners: l.get_max_listeners(),
-        };
+        let limits = GrantLimits::read_capnp(c.get_limits()?);
         let host = c.get_host()?.to_str()?;
         let port = c.get_port();
         let pending = self

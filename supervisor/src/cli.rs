@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow, bail};
-use capnet_driver_api::policy_interim::RuleConfig;
+use capnet_driver_api::policy::{Action, RuleConfig, RuleDirection};
 use capnet_schemas::admin_capnp::{admin, grain_info, powerbox_request};
 use capnet_schemas::rpc::two_party;
 use capnp_rpc::rpc_twoparty_capnp::Side;
@@ -161,10 +161,16 @@ enum DriverCmd {
 /// Parses `--allow` / `--deny` specs into a rule.
 fn parse_rule(action: &str, spec: &str) -> Result<RuleConfig> {
     let mut r = RuleConfig {
-        action: action.into(),
-        direction: Some("both".into()),
+        action: if action == "allow" {
+            Action::Allow
+        } else {
+            Action::Deny
+        },
+        hosts: Vec::new(),
+        cidrs: Vec::new(),
+        ports: Vec::new(),
+        direction: RuleDirection::Both,
         label: format!("grant: {action} {spec}"),
-        ..Default::default()
     };
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if let Some(p) = item.strip_prefix("port=") {
@@ -178,8 +184,7 @@ fn parse_rule(action: &str, spec: &str) -> Result<RuleConfig> {
     if r.ports.is_empty() && r.cidrs.is_empty() && r.hosts.is_empty() {
         bail!("--{action} {spec:?} names nothing; give host patterns, CIDRs or port=N[-M]");
     }
-    let mut msg = capnp::message::Builder::new_default();
-    r.write(msg.init_root())
+    capnet_driver_api::policy::Rule::from_config(&r)
         .map_err(|e| anyhow!("--{action} {spec:?}: {e}"))?;
     Ok(r)
 }
@@ -470,7 +475,7 @@ async fn run(cli: Cli) -> Result<()> {
                 l.set_max_listeners(g.max_listeners);
                 let mut list = c.init_rules(rules.len() as u32);
                 for (i, r) in rules.iter().enumerate() {
-                    r.write(list.reborrow().get(i as u32))
+                    r.write_capnp(list.reborrow().get(i as u32))
                         .map_err(|e| anyhow!(e))?;
                 }
             }

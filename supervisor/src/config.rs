@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use capnet_driver_api::Privileges;
-use capnet_driver_api::policy_interim::RuleConfig;
+use capnet_driver_api::policy::RuleConfig;
 use serde::Deserialize;
 
 /// Loading the configuration failed.
@@ -226,8 +226,7 @@ impl Config {
                 }
             }
             for (i, r) in d.rules.iter().enumerate() {
-                let mut msg = capnp::message::Builder::new_default();
-                r.write(msg.init_root())
+                capnet_driver_api::policy::Rule::from_config(r)
                     .map_err(|e| self.invalid(format!("drivers.{name}.rules[{i}]: {e}")))?;
             }
         }
@@ -323,11 +322,17 @@ mod tests {
         );
     }
 
-    /// A bad rule is refused at load time with its position in the file.
+    /// A bad rule is refused at load time with its position in the file or its path in
+    /// the config.
     #[test]
     fn bad_rules_are_refused() {
         let text = "[drivers.tcp]\nplugin = \"x.so\"\n[[drivers.tcp.rules]]\naction = \"maybe\"\n";
         let err = Config::parse(text, Path::new("c.toml")).expect_err("bad action");
+        assert!(err.to_string().starts_with("c.toml:4:"), "{err}");
+        assert!(err.to_string().contains("maybe"), "{err}");
+        let text = "[drivers.tcp]\nplugin = \"x.so\"\n[[drivers.tcp.rules]]\naction = \"allow\"\ncidrs = [\"10.0.0.0/99\"]\n";
+        let err = Config::parse(text, Path::new("c.toml")).expect_err("bad cidr");
         assert!(err.to_string().contains("drivers.tcp.rules[0]"), "{err}");
+        assert!(err.to_string().contains("10.0.0.0/99"), "{err}");
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use capnet_driver_api::Privileges;
 use capnet_driver_api::events::Event;
-use capnet_driver_api::policy_interim::write_rules;
+use capnet_driver_api::policy::write_rule_configs;
 use capnet_schemas::driver_capnp::{driver, event_sink};
 use capnet_schemas::rpc::two_party;
 use capnp_rpc::rpc_twoparty_capnp::Side;
@@ -605,7 +605,7 @@ async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartErr
         for (i, a) in addrs.iter().enumerate() {
             la.set(i as u32, a);
         }
-        write_rules(&slot.config.rules, c.init_policy())
+        write_rule_configs(&slot.config.rules, c.init_policy())
             .map_err(|e| StartError::Permanent(format!("drivers.{}.rules: {e}", slot.name)))?;
     }
     match tokio::time::timeout(START_TIMEOUT, req.send().promise).await {

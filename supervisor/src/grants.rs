@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use capnet_driver_api::GrantLimits;
-use capnet_driver_api::policy_interim::{RuleConfig, write_rules};
+use capnet_driver_api::Limits as GrantLimits;
+use capnet_driver_api::policy::{RuleConfig, write_rule_configs};
 use capnet_schemas::descriptor::{Encryption, Requested};
 use capnet_schemas::driver_capnp::{grant_session, grant_spec};
 use capnet_schemas::ip_capnp::{ip_interface, ip_network};
@@ -221,15 +221,9 @@ impl Grant {
                 } => grant_spec::Encryption::Tls,
                 _ => grant_spec::Encryption::None,
             });
-            write_rules(&self.rules, spec.reborrow().init_policy()).map_err(Error::failed)?;
-            let l = self.limits;
-            let mut lb = spec.reborrow().init_limits();
-            lb.set_max_connections(l.max_connections);
-            lb.set_connections_per_second(l.connections_per_second);
-            lb.set_bytes_per_second(l.bytes_per_second);
-            lb.set_udp_packets_per_second(l.udp_packets_per_second);
-            lb.set_udp_max_packet_size(l.udp_max_packet_size);
-            lb.set_max_listeners(l.max_listeners);
+            write_rule_configs(&self.rules, spec.reborrow().init_policy())
+                .map_err(|e| Error::failed(e.to_string()))?;
+            self.limits.write_capnp(spec.reborrow().init_limits());
             let (host, port) = self.kind.scope();
             spec.set_scope_host(host);
             spec.set_scope_port(port);

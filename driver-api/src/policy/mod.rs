@@ -124,6 +124,7 @@ pub use addr::{
 pub use host::{HostError, HostName, HostPattern, HostSpec};
 pub use rule::{
     Action, Rule, RuleConfig, RuleDirection, RuleError, parse_cidr, parse_port_range, write_policy,
+    write_rule_configs,
 };
 
 use addr::canonical_net;

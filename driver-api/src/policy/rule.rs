@@ -548,6 +548,19 @@ pub fn write_policy(rules: &[Rule], builder: policy_capnp::policy::Builder<'_>) 
     }
 }
 
+/// Validates `rules` and writes them into a `policy.capnp` `Policy`.
+pub fn write_rule_configs(
+    rules: &[RuleConfig],
+    builder: policy_capnp::policy::Builder<'_>,
+) -> Result<(), RuleError> {
+    let parsed = rules
+        .iter()
+        .map(Rule::from_config)
+        .collect::<Result<Vec<_>, _>>()?;
+    write_policy(&parsed, builder);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
