@@ -43,6 +43,62 @@ interface Admin {
 
   shutdown @11 ();
   # Stops every grain and driver and exits the daemon.
+
+  listGrants @12 (grain :Text, driver :Text) -> (grants :List(GrantInfo));
+  # Every grant ever made (revoked ones too), optionally only a grain's or a driver's.
+
+  revokeGrant @13 (grantId :Text, reason :Text) -> (wasLive :Bool);
+  # Revokes a grant at once: its connections, listeners and mappings close, every later
+  # call on anything derived from it fails with `revoked`, and its tokens stop restoring.
+
+  audit @14 (filter :AuditFilter) -> (records :List(AuditRecord));
+  # Audit records, oldest first (at most `filter.limit`, the newest ones).
+
+  deleteGrain @15 (grainId :Text) -> (grants :UInt32, tokens :UInt32);
+  # Stops the grain if it runs and deletes its grants, tokens, data and log.
+}
+
+struct GrantInfo {
+  id @0 :Text;
+  grain @1 :Text;
+  driver @2 :Text;
+  kind @3 :Text;
+  # Interface and narrowing, such as "TcpPort smtp.example.test:587".
+  constraints @4 :Text;
+  # The extra rules and limits, as JSON.
+  label @5 :Text;
+  source @6 :Text;
+  # "admin" or "rule:NAME".
+  createdMs @7 :UInt64;
+  lastUsedMs @8 :UInt64;
+  bytesIn @9 :UInt64;
+  bytesOut @10 :UInt64;
+  openConnections @11 :UInt32;
+  revokedMs @12 :UInt64;
+  # 0 if live.
+  revokeReason @13 :Text;
+}
+
+struct AuditFilter {
+  grain @0 :Text;
+  grant @1 :Text;
+  kind @2 :Text;
+  sinceMs @3 :UInt64;
+  limit @4 :UInt32;
+}
+
+struct AuditRecord {
+  timeMs @0 :UInt64;
+  kind @1 :Text;
+  grain @2 :Text;
+  grant @3 :Text;
+  driver @4 :Text;
+  destination @5 :Text;
+  rule @6 :Text;
+  bytesIn @7 :UInt64;
+  bytesOut @8 :UInt64;
+  durationMs @9 :UInt64;
+  detail @10 :Text;
 }
 
 struct GrainSpec {

@@ -22,6 +22,7 @@ use crate::drivers::DriverManager;
 use crate::grains::{GrainInfo, GrainManager, GrainState, StartSpec};
 use crate::grants::{GrantKind, GrantTable, NewGrant};
 use crate::powerbox::{Answer, Powerbox, RequestInfo, describe};
+use crate::state::AuditFilter;
 
 /// Binding the admin socket failed.
 #[derive(Debug, thiserror::Error)]
@@ -289,33 +290,38 @@ impl admin::Server for AdminImpl {
             .powerbox
             .take(request_id)
             .ok_or_else(|| Error::failed(format!("request {request_id} is no longer pending")))?;
-        let grant = self.grants.create(NewGrant {
-            grain: taken.info.grain.clone(),
-            driver: driver.clone(),
-            kind: kind.clone(),
-            label: taken.info.label.clone(),
-            rules,
-            limits,
-        });
+        let detail = format!(
+            "request {request_id}: {} (asked for {})",
+            kind.describe(),
+            describe(&pending.requested)
+        );
+        let grant = self
+            .grants
+            .create(
+                NewGrant {
+                    grain: taken.info.grain.clone(),
+                    driver: driver.clone(),
+                    kind,
+                    label: taken.info.label.clone(),
+                    rules,
+                    limits,
+                    source: "admin".into(),
+                },
+                detail,
+            )
+            .await
+            .map_err(err)?;
         let id = grant.id.clone();
         if taken.answer(Answer::Granted(grant)).is_err() {
-            self.grants.remove(&id);
+            let _ = self
+                .grants
+                .revoke(&id, "the grain stopped waiting for the request")
+                .await;
             return Err(Error::failed(format!(
                 "grain {} stopped waiting for request {request_id}",
                 pending.grain
             )));
         }
-        self.audit.record(
-            AuditRecord::new("grant")
-                .grain(&pending.grain)
-                .grant(&id)
-                .driver(&driver)
-                .detail(format!(
-                    "request {request_id}: {} (asked for {})",
-                    kind.describe(),
-                    describe(&pending.requested)
-                )),
-        );
         results.get().set_grant_id(&id);
         Ok(())
     }
@@ -407,6 +413,138 @@ impl admin::Server for AdminImpl {
         let mut r = results.get();
         r.set_exited(exited);
         write_grain(r.init_grain(), &info);
+        Ok(())
+    }
+
+    async fn list_grants(
+        self: Rc<Self>,
+        params: admin::ListGrantsParams,
+        mut results: admin::ListGrantsResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let grain = p.get_grain()?.to_str()?;
+        let driver = p.get_driver()?.to_str()?;
+        let list = self
+            .grants
+            .listing(
+                (!grain.is_empty()).then_some(grain),
+                (!driver.is_empty()).then_some(driver),
+            )
+            .await
+            .map_err(err)?;
+        let mut l = results.get().init_grants(list.len() as u32);
+        for (i, g) in list.iter().enumerate() {
+            let mut b = l.reborrow().get(i as u32);
+            let r = &g.row;
+            b.set_id(&r.id);
+            b.set_grain(&r.grain);
+            b.set_driver(&r.driver);
+            b.set_kind(
+                GrantKind::from_json(&r.kind)
+                    .map(|k| k.describe())
+                    .unwrap_or_else(|e| format!("(unreadable: {e})")),
+            );
+            b.set_constraints(format!("{{\"rules\":{},\"limits\":{}}}", r.rules, r.limits));
+            b.set_label(&r.label);
+            b.set_source(&r.source);
+            b.set_created_ms(r.created_ms);
+            b.set_last_used_ms(r.last_used_ms);
+            b.set_bytes_in(r.bytes_in);
+            b.set_bytes_out(r.bytes_out);
+            b.set_open_connections(g.open_connections);
+            b.set_revoked_ms(r.revoked_ms.unwrap_or(0));
+            b.set_revoke_reason(r.revoke_reason.as_deref().unwrap_or(""));
+        }
+        Ok(())
+    }
+
+    async fn revoke_grant(
+        self: Rc<Self>,
+        params: admin::RevokeGrantParams,
+        mut results: admin::RevokeGrantResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let id = p.get_grant_id()?.to_str()?.to_string();
+        let reason = match p.get_reason()?.to_str()? {
+            "" => "revoked by the administrator".to_string(),
+            r => r.to_string(),
+        };
+        let was_live = self.grants.revoke(&id, &reason).await.map_err(err)?;
+        if !was_live {
+            let known = self
+                .grants
+                .listing(None, None)
+                .await
+                .map_err(err)?
+                .into_iter()
+                .any(|g| g.row.id == id);
+            if !known {
+                return Err(Error::failed(format!(
+                    "no grant {id}; see `capnet grants list`"
+                )));
+            }
+        }
+        results.get().set_was_live(was_live);
+        Ok(())
+    }
+
+    async fn audit(
+        self: Rc<Self>,
+        params: admin::AuditParams,
+        mut results: admin::AuditResults,
+    ) -> Result<(), Error> {
+        let f = params.get()?.get_filter()?;
+        let text = |t: &str| (!t.is_empty()).then(|| t.to_string());
+        let filter = AuditFilter {
+            grain: text(f.get_grain()?.to_str()?),
+            grant: text(f.get_grant()?.to_str()?),
+            kind: text(f.get_kind()?.to_str()?),
+            since_ms: (f.get_since_ms() != 0).then(|| f.get_since_ms()),
+            limit: match f.get_limit() {
+                0 => 1000,
+                n => n as usize,
+            },
+        };
+        // Records batched in memory reach the database before this query does.
+        self.audit.flush();
+        let records = self
+            .grants
+            .state()
+            .call(move |db| db.audit(&filter))
+            .await
+            .map_err(err)?;
+        let mut l = results.get().init_records(records.len() as u32);
+        for (i, r) in records.iter().enumerate() {
+            let mut b = l.reborrow().get(i as u32);
+            b.set_time_ms(r.time_ms);
+            b.set_kind(&r.kind);
+            b.set_grain(&r.grain);
+            b.set_grant(&r.grant);
+            b.set_driver(&r.driver);
+            b.set_destination(&r.destination);
+            b.set_rule(&r.rule);
+            b.set_bytes_in(r.bytes_in);
+            b.set_bytes_out(r.bytes_out);
+            b.set_duration_ms(r.duration_ms);
+            b.set_detail(&r.detail);
+        }
+        Ok(())
+    }
+
+    async fn delete_grain(
+        self: Rc<Self>,
+        params: admin::DeleteGrainParams,
+        mut results: admin::DeleteGrainResults,
+    ) -> Result<(), Error> {
+        let id = params.get()?.get_grain_id()?.to_str()?.to_string();
+        let (grants, tokens) = self
+            .grains
+            .delete(&id, self.stop_grace)
+            .await
+            .map_err(err)?;
+        let mut r = results.get();
+        r.set_grants(grants as u32);
+        r.set_tokens(tokens as u32);
         Ok(())
     }
 

@@ -1,8 +1,10 @@
 //! The audit trail: one structured record for every security-relevant event.
 //!
-//! Records go to the `capnet::audit` tracing target as structured fields, and to an
-//! in-memory ring that the admin API reads. (Persistent storage in the state database and
-//! retention come with the persistence layer.)
+//! Records go to the `capnet::audit` tracing target as structured fields and to the state
+//! database, where `capnet audit` reads them. Records that accompany a state change (a
+//! grant, a revocation, a saved or dropped token) are written in the same transaction as
+//! the change; the rest (connection events, mostly) are batched every few milliseconds.
+//! The store is bounded by `daemon.audit_retention_days` and `daemon.audit_max_records`.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -84,15 +86,61 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long batched records may wait before they are written.
+const BATCH_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The audit sink. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Audit {
     ring: Rc<RefCell<VecDeque<AuditRecord>>>,
+    state: Option<crate::state::State>,
+    pending: Rc<RefCell<Vec<AuditRecord>>>,
+    flush_scheduled: Rc<std::cell::Cell<bool>>,
 }
 
 impl Audit {
-    /// Records an event.
+    /// An audit sink that stores records in `state`.
+    pub fn with_state(state: crate::state::State) -> Self {
+        Self {
+            state: Some(state),
+            ..Default::default()
+        }
+    }
+
+    /// Records an event: logged now, stored within a few milliseconds.
     pub fn record(&self, r: AuditRecord) {
+        self.note(&r);
+        let Some(_) = &self.state else { return };
+        self.pending.borrow_mut().push(r);
+        if !self.flush_scheduled.replace(true) {
+            let me = self.clone();
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(BATCH_DELAY).await;
+                me.flush();
+            });
+        }
+    }
+
+    /// Hands batched records to the state thread now. Queries queued after this see them.
+    pub fn flush(&self) {
+        self.flush_scheduled.set(false);
+        let batch = std::mem::take(&mut *self.pending.borrow_mut());
+        if batch.is_empty() {
+            return;
+        }
+        if let Some(state) = &self.state {
+            state.post(move |db| {
+                if let Err(e) = db.insert_audit(&batch) {
+                    tracing::error!(error = %e, "cannot store audit records");
+                }
+            });
+        }
+    }
+
+    /// Logs an event whose record is stored by the caller (in the transaction of the
+    /// state change it belongs to).
+    pub fn note(&self, r: &AuditRecord) {
+        let r = r.clone();
         tracing::info!(
             target: "capnet::audit",
             kind = %r.kind,

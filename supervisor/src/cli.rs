@@ -38,6 +38,11 @@ enum Command {
     /// Inspect drivers.
     #[command(subcommand)]
     Driver(DriverCmd),
+    /// List and revoke grants.
+    #[command(subcommand)]
+    Grants(GrantsCmd),
+    /// Read the audit trail.
+    Audit(AuditArgs),
     /// Stop the daemon (and every grain and driver).
     Shutdown,
 }
@@ -80,6 +85,11 @@ enum GrainCmd {
         /// At most this many bytes from the end.
         #[arg(long, default_value_t = 65536)]
         bytes: u64,
+    },
+    /// Delete a grain: stop it, delete its grants, tokens, data and log.
+    Delete {
+        /// Grain id.
+        id: String,
     },
     /// Wait until a grain exits.
     Wait {
@@ -150,6 +160,60 @@ struct GrantArgs {
     /// Concurrent listeners (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     max_listeners: u32,
+}
+
+#[derive(Subcommand, Debug)]
+enum GrantsCmd {
+    /// List every grant (revoked ones too).
+    List {
+        /// Only this grain's grants.
+        #[arg(long)]
+        grain: Option<String>,
+        /// Only this driver's grants.
+        #[arg(long)]
+        driver: Option<String>,
+    },
+    /// Revoke a grant now: its connections close, later calls fail, its tokens die.
+    Revoke {
+        /// Grant id.
+        id: String,
+        /// Why (recorded in the audit trail and shown to the grain).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct AuditArgs {
+    /// Only this grain's records.
+    #[arg(long)]
+    grain: Option<String>,
+    /// Only this grant's records.
+    #[arg(long)]
+    grant: Option<String>,
+    /// Only records of this kind (grant, deny, revoke, save, restore, connect_refused, …).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only records since: a duration ago ("10m", "2h", "1d") or an RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// At most this many records (the newest).
+    #[arg(long, default_value_t = 1000)]
+    limit: u32,
+}
+
+/// Parses `--since`: "90s", "10m", "2h", "3d" ago, or an RFC 3339 time.
+fn parse_since(text: &str) -> Result<u64> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
+        return Ok(t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0));
+    }
+    let ago = humantime::parse_duration(text).map_err(|_| {
+        anyhow!("--since {text:?}: give a duration such as 10m, 2h or 1d, or a time such as 2026-11-25T10:00:00Z")
+    })?;
+    Ok(crate::audit::now_ms().saturating_sub(ago.as_millis() as u64))
 }
 
 #[derive(Subcommand, Debug)]
@@ -538,6 +602,159 @@ async fn run(cli: Cli) -> Result<()> {
                     .join("\n")
             });
         }
+        Command::Grain(GrainCmd::Delete { id }) => {
+            let mut req = admin.delete_grain_request();
+            req.get().set_grain_id(&id);
+            let resp = req.send().promise.await.map_err(clean)?;
+            let r = resp.get()?;
+            let v = json!({"deleted": id, "grants": r.get_grants(), "tokens": r.get_tokens()});
+            print_value(j, &v, || {
+                format!(
+                    "deleted grain {id}: {} grants and {} saved tokens removed",
+                    r.get_grants(),
+                    r.get_tokens()
+                )
+            });
+        }
+        Command::Grants(GrantsCmd::List { grain, driver }) => {
+            let mut req = admin.list_grants_request();
+            req.get().set_grain(grain.as_deref().unwrap_or(""));
+            req.get().set_driver(driver.as_deref().unwrap_or(""));
+            let resp = req.send().promise.await.map_err(clean)?;
+            let mut all = Vec::new();
+            for g in resp.get()?.get_grants()? {
+                let constraints: serde_json::Value =
+                    serde_json::from_str(g.get_constraints()?.to_str()?).unwrap_or_default();
+                all.push(json!({
+                    "id": g.get_id()?.to_str()?,
+                    "grain": g.get_grain()?.to_str()?,
+                    "driver": g.get_driver()?.to_str()?,
+                    "kind": g.get_kind()?.to_str()?,
+                    "constraints": constraints,
+                    "label": g.get_label()?.to_str()?,
+                    "source": g.get_source()?.to_str()?,
+                    "created": format_time(g.get_created_ms()),
+                    "last_used": format_time(g.get_last_used_ms()),
+                    "bytes_in": g.get_bytes_in(),
+                    "bytes_out": g.get_bytes_out(),
+                    "open_connections": g.get_open_connections(),
+                    "revoked": (g.get_revoked_ms() != 0).then(|| format_time(g.get_revoked_ms())),
+                    "revoke_reason": g.get_revoke_reason()?.to_str()?,
+                }));
+            }
+            let v = serde_json::Value::Array(all.clone());
+            print_value(j, &v, || {
+                if all.is_empty() {
+                    return "no grants".into();
+                }
+                all.iter()
+                    .map(|g| {
+                        format!(
+                            "{}  {} → {} via {}  [{}]\n    label {:?}, source {}, created {}, last used {}\n    bytes in {} out {}, open connections {}{}{}",
+                            g["id"].as_str().unwrap_or(""),
+                            g["grain"].as_str().unwrap_or(""),
+                            g["kind"].as_str().unwrap_or(""),
+                            g["driver"].as_str().unwrap_or(""),
+                            if g["revoked"].is_null() { "live" } else { "REVOKED" },
+                            g["label"].as_str().unwrap_or(""),
+                            g["source"].as_str().unwrap_or(""),
+                            g["created"].as_str().unwrap_or(""),
+                            g["last_used"].as_str().unwrap_or(""),
+                            g["bytes_in"],
+                            g["bytes_out"],
+                            g["open_connections"],
+                            match &g["constraints"] {
+                                serde_json::Value::Object(c) if c.get("rules").is_some_and(|r| r.as_array().is_some_and(|a| !a.is_empty())) => format!("\n    rules {}", c["rules"]),
+                                _ => String::new(),
+                            },
+                            match g["revoked"].as_str() {
+                                Some(t) => format!("\n    revoked {t}: {}", g["revoke_reason"].as_str().unwrap_or("")),
+                                None => String::new(),
+                            }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Grants(GrantsCmd::Revoke { id, reason }) => {
+            let mut req = admin.revoke_grant_request();
+            req.get().set_grant_id(&id);
+            req.get().set_reason(&reason);
+            let resp = req.send().promise.await.map_err(clean)?;
+            let live = resp.get()?.get_was_live();
+            let v = json!({"revoked": id, "was_live": live});
+            print_value(j, &v, || {
+                if live {
+                    format!(
+                        "revoked {id}: its connections are closed and its tokens no longer restore"
+                    )
+                } else {
+                    format!("{id} was already revoked")
+                }
+            });
+        }
+        Command::Audit(a) => {
+            let mut req = admin.audit_request();
+            {
+                let mut f = req.get().init_filter();
+                f.set_grain(a.grain.as_deref().unwrap_or(""));
+                f.set_grant(a.grant.as_deref().unwrap_or(""));
+                f.set_kind(a.kind.as_deref().unwrap_or(""));
+                if let Some(s) = &a.since {
+                    f.set_since_ms(parse_since(s)?);
+                }
+                f.set_limit(a.limit);
+            }
+            let resp = req.send().promise.await.map_err(clean)?;
+            let mut all = Vec::new();
+            for r in resp.get()?.get_records()? {
+                all.push(json!({
+                    "time": format_time(r.get_time_ms()),
+                    "time_ms": r.get_time_ms(),
+                    "kind": r.get_kind()?.to_str()?,
+                    "grain": r.get_grain()?.to_str()?,
+                    "grant": r.get_grant()?.to_str()?,
+                    "driver": r.get_driver()?.to_str()?,
+                    "destination": r.get_destination()?.to_str()?,
+                    "rule": r.get_rule()?.to_str()?,
+                    "bytes_in": r.get_bytes_in(),
+                    "bytes_out": r.get_bytes_out(),
+                    "duration_ms": r.get_duration_ms(),
+                    "detail": r.get_detail()?.to_str()?,
+                }));
+            }
+            if j {
+                for r in &all {
+                    println!("{r}");
+                }
+            } else {
+                for r in &all {
+                    let mut line = format!(
+                        "{} {:<18}",
+                        r["time"].as_str().unwrap_or(""),
+                        r["kind"].as_str().unwrap_or("")
+                    );
+                    for key in ["grain", "grant", "driver", "destination", "rule"] {
+                        if let Some(v) = r[key].as_str().filter(|v| !v.is_empty()) {
+                            line.push_str(&format!(" {key}={v}"));
+                        }
+                    }
+                    if r["bytes_in"].as_u64().unwrap_or(0) + r["bytes_out"].as_u64().unwrap_or(0)
+                        > 0
+                    {
+                        line.push_str(&format!(
+                            " in={} out={} ms={}",
+                            r["bytes_in"], r["bytes_out"], r["duration_ms"]
+                        ));
+                    }
+                    if let Some(d) = r["detail"].as_str().filter(|d| !d.is_empty()) {
+                        line.push_str(&format!(" — {d}"));
+                    }
+                    println!("{line}");
+                }
+            }
+        }
         Command::Shutdown => {
             admin
                 .shutdown_request()
@@ -551,4 +768,13 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 (UTC, milliseconds); 0 is "never".
+pub fn format_time(ms: u64) -> String {
+    if ms == 0 {
+        return "never".into();
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
 }

@@ -60,6 +60,9 @@ pub struct Config {
     /// Grains, by id.
     #[serde(default)]
     pub grains: BTreeMap<String, GrainConfig>,
+    /// Powerbox rules: requests answered in advance.
+    #[serde(default)]
+    pub powerbox: PowerboxConfig,
     /// The file this was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -86,6 +89,10 @@ pub struct DaemonConfig {
     pub max_driver_crashes: u32,
     /// The window for `max_driver_crashes`, in seconds.
     pub crash_window_secs: u64,
+    /// Audit records older than this many days are deleted.
+    pub audit_retention_days: u64,
+    /// At most this many audit records are kept (the oldest go first).
+    pub audit_max_records: u64,
 }
 
 impl Default for DaemonConfig {
@@ -99,6 +106,8 @@ impl Default for DaemonConfig {
             stop_grace_ms: 5000,
             max_driver_crashes: 5,
             crash_window_secs: 60,
+            audit_retention_days: 90,
+            audit_max_records: 1_000_000,
         }
     }
 }
@@ -139,6 +148,59 @@ pub struct DriverConfig {
 
 fn default_listen() -> Vec<String> {
     vec!["0.0.0.0".into()]
+}
+
+/// `[powerbox]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerboxConfig {
+    /// Rules answering kinds of requests in advance, tried in order; the first match
+    /// answers. Requests no rule matches wait for an administrator.
+    #[serde(default)]
+    pub rules: Vec<GrantRuleConfig>,
+}
+
+/// `[[powerbox.rules]]`: grant (or deny) matching requests without asking.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRuleConfig {
+    /// The rule's name, shown in the audit trail as the grant's source.
+    pub name: String,
+    /// The grain it applies to, or "*" for every grain.
+    #[serde(default = "any_grain")]
+    pub grain: String,
+    /// The interface asked for: IpNetwork, IpInterface, IpRemoteHost, TcpPort or UdpPort.
+    pub interface: String,
+    /// For IpRemoteHost/TcpPort/UdpPort: the host granted. A request naming another host
+    /// does not match; a request naming none gets this one.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// For TcpPort/UdpPort: the port granted, matched like `host`.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// For IpNetwork: only requests with this encryption ("none" or "tls") match.
+    #[serde(default)]
+    pub encryption: Option<String>,
+    /// "grant" (default) or "deny".
+    #[serde(default = "grant_action")]
+    pub action: String,
+    /// The driver serving granted requests (required for "grant").
+    #[serde(default)]
+    pub driver: Option<String>,
+    /// Extra policy rules for the grant.
+    #[serde(default)]
+    pub policy: Vec<RuleConfig>,
+    /// Per-grant limits.
+    #[serde(default)]
+    pub limits: capnet_driver_api::Limits,
+}
+
+fn any_grain() -> String {
+    "*".into()
+}
+
+fn grant_action() -> String {
+    "grant".into()
 }
 
 /// `[grains.ID]`: a grain the administrator can start by name.
@@ -228,6 +290,52 @@ impl Config {
             for (i, r) in d.rules.iter().enumerate() {
                 capnet_driver_api::policy::Rule::from_config(r)
                     .map_err(|e| self.invalid(format!("drivers.{name}.rules[{i}]: {e}")))?;
+            }
+        }
+        for (i, r) in self.powerbox.rules.iter().enumerate() {
+            let at = format!("powerbox.rules[{i}] ({})", r.name);
+            if ![
+                "IpNetwork",
+                "IpInterface",
+                "IpRemoteHost",
+                "TcpPort",
+                "UdpPort",
+            ]
+            .contains(&r.interface.as_str())
+            {
+                return Err(self.invalid(format!(
+                    "{at}: interface {:?} must be IpNetwork, IpInterface, IpRemoteHost, TcpPort or UdpPort",
+                    r.interface
+                )));
+            }
+            match r.action.as_str() {
+                "deny" => {}
+                "grant" => match &r.driver {
+                    Some(d) if self.drivers.contains_key(d) => {}
+                    Some(d) => {
+                        return Err(self.invalid(format!(
+                            "{at}: driver {d:?} is not configured in [drivers]"
+                        )));
+                    }
+                    None => {
+                        return Err(self.invalid(format!("{at}: a granting rule needs a driver")));
+                    }
+                },
+                other => {
+                    return Err(self.invalid(format!(
+                        "{at}: action {other:?} must be \"grant\" or \"deny\""
+                    )));
+                }
+            }
+            if let Some(e) = &r.encryption
+                && e != "none"
+                && e != "tls"
+            {
+                return Err(self.invalid(format!("{at}: encryption {e:?} must be none or tls")));
+            }
+            for (j, rule) in r.policy.iter().enumerate() {
+                capnet_driver_api::policy::Rule::from_config(rule)
+                    .map_err(|e| self.invalid(format!("{at}.policy[{j}]: {e}")))?;
             }
         }
         for (id, g) in &self.grains {

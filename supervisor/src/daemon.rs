@@ -19,6 +19,7 @@ use crate::drivers::DriverManager;
 use crate::grains::GrainManager;
 use crate::grants::GrantTable;
 use crate::powerbox::Powerbox;
+use crate::state::{State, StateError};
 
 /// Exit codes of `capnetd`.
 pub mod exit {
@@ -48,6 +49,9 @@ pub enum DaemonError {
     /// The admin socket could not be bound.
     #[error(transparent)]
     Socket(#[from] AdminSocketError),
+    /// The state database could not be opened.
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 /// Runs the daemon until `shutdown` resolves or an administrator asks it to stop.
@@ -58,7 +62,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         path: state_dir.clone(),
         source,
     })?;
-    let audit = Audit::default();
+    let state = State::open(&state_dir.join("state.db"))?;
+    let audit = Audit::with_state(state.clone());
 
     // Driver events are audited with the grain of their grant, looked up at arrival.
     let grants_cell: Rc<std::cell::OnceCell<GrantTable>> = Rc::default();
@@ -87,10 +92,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         })
     };
     let drivers = DriverManager::new(&config, audit.clone(), events);
-    let grants = GrantTable::new(drivers.clone(), audit.clone());
+    let grants = GrantTable::load(drivers.clone(), audit.clone(), state.clone()).await?;
     let _ = grants_cell.set(grants.clone());
     let powerbox = Powerbox::new(config.daemon.request_timeout(), audit.clone());
-    let grains = GrainManager::new(config.clone(), powerbox.clone(), audit.clone());
+    let grains = GrainManager::new(
+        config.clone(),
+        powerbox.clone(),
+        grants.clone(),
+        audit.clone(),
+    );
+    let housekeeping = tokio::task::spawn_local(housekeeping(
+        grants.clone(),
+        state.clone(),
+        Duration::from_secs(config.daemon.audit_retention_days.saturating_mul(86_400)),
+        config.daemon.audit_max_records,
+    ));
 
     let socket_path = config.daemon.admin_socket();
     let listener = crate::admin::bind(&socket_path)?;
@@ -99,7 +115,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let admin: admin::Client = capnp_rpc::new_client(AdminImpl {
         grains: grains.clone(),
         drivers: drivers.clone(),
-        grants,
+        grants: grants.clone(),
         powerbox,
         audit: audit.clone(),
         stop_grace,
@@ -120,11 +136,40 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     tracing::info!("shutting down");
     accept.abort();
+    housekeeping.abort();
     grains.stop_all(stop_grace).await;
     drivers.stop_all().await;
     let _ = std::fs::remove_file(&socket_path);
     audit.record(AuditRecord::new("daemon_stopped"));
+    audit.flush();
+    if let Err(e) = grants.flush_usage().await {
+        tracing::warn!(error = %e, "could not store grant usage at shutdown");
+    }
     Ok(())
+}
+
+/// Stores grant usage every few seconds and prunes the audit trail every ten minutes.
+async fn housekeeping(grants: GrantTable, state: State, retention: Duration, max_records: u64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        if let Err(e) = grants.flush_usage().await {
+            tracing::warn!(error = %e, "could not store grant usage");
+        }
+        if n.is_multiple_of(120) {
+            let before = crate::audit::now_ms().saturating_sub(retention.as_millis() as u64);
+            match state
+                .call(move |db| db.prune_audit(before, max_records))
+                .await
+            {
+                Ok(0) => {}
+                Ok(k) => tracing::info!(records = k, "pruned the audit trail"),
+                Err(e) => tracing::warn!(error = %e, "could not prune the audit trail"),
+            }
+        }
+        n += 1;
+    }
 }
 
 fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {

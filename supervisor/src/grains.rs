@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::rc::Rc;
 use std::time::Duration;
 
-use capnet_schemas::descriptor;
+use capnet_schemas::descriptor::{self, Requested};
 use capnet_schemas::grain_capnp::grain_api;
 use capnet_schemas::rpc::two_party;
 use capnp::Error;
@@ -24,10 +24,11 @@ use nix::unistd::Pid;
 use tokio::sync::watch;
 
 use crate::audit::{Audit, AuditRecord, now_ms};
-use crate::config::{Config, valid_name};
-use crate::grants::new_id;
+use crate::config::{Config, GrantRuleConfig, valid_name};
+use crate::grants::{Grant, GrantKind, GrantTable, NewGrant, new_id};
 use crate::membrane::root_capability;
-use crate::powerbox::Powerbox;
+use crate::persist;
+use crate::powerbox::{Powerbox, describe};
 use crate::sys::process::{ChildFds, configure};
 
 /// Starting or stopping a grain failed.
@@ -55,6 +56,9 @@ pub enum GrainError {
         /// Why.
         source: std::io::Error,
     },
+    /// The state database failed.
+    #[error("the state database failed: {0}")]
+    State(String),
     /// Filesystem set-up failed.
     #[error("cannot prepare {path} for grain {id}: {source}")]
     Prepare {
@@ -147,6 +151,7 @@ struct Inner {
     grains: RefCell<BTreeMap<String, Rc<Grain>>>,
     config: Rc<Config>,
     powerbox: Powerbox,
+    grants: GrantTable,
     audit: Audit,
 }
 
@@ -164,15 +169,40 @@ pub struct StartSpec {
 
 impl GrainManager {
     /// A manager for the grains of `config`.
-    pub fn new(config: Rc<Config>, powerbox: Powerbox, audit: Audit) -> Self {
+    pub fn new(config: Rc<Config>, powerbox: Powerbox, grants: GrantTable, audit: Audit) -> Self {
         Self {
             inner: Rc::new(Inner {
                 grains: RefCell::new(BTreeMap::new()),
                 config,
                 powerbox,
+                grants,
                 audit,
             }),
         }
+    }
+
+    /// Deletes a grain: stops it if it runs, revokes and deletes its grants and tokens, and
+    /// removes its state directory (its `/var` and its log).
+    pub async fn delete(&self, id: &str, grace: Duration) -> Result<(usize, usize), GrainError> {
+        if self.inner.grains.borrow().contains_key(id) {
+            self.stop(id, grace).await?;
+            self.inner.grains.borrow_mut().remove(id);
+        }
+        let (grants, tokens) = self
+            .inner
+            .grants
+            .delete_grain(id)
+            .await
+            .map_err(|e| GrainError::State(e.to_string()))?;
+        let dir = self.inner.config.daemon.state_dir.join("grains").join(id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|source| GrainError::Prepare {
+                id: id.to_string(),
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok((grants, tokens))
     }
 
     /// Starts a grain.
@@ -269,6 +299,8 @@ impl GrainManager {
         let api: grain_api::Client = capnp_rpc::new_client(GrainApiImpl {
             grain: id.clone(),
             powerbox: inner.powerbox.clone(),
+            grants: inner.grants.clone(),
+            config: inner.config.clone(),
             audit: inner.audit.clone(),
         });
         let rpc = two_party(stream, Side::Server, Some(api.client));
@@ -395,7 +427,74 @@ async fn wait_exited(g: &Grain, timeout: Duration) -> bool {
 pub struct GrainApiImpl {
     grain: String,
     powerbox: Powerbox,
+    grants: GrantTable,
+    config: Rc<Config>,
     audit: Audit,
+}
+
+/// The first `[[powerbox.rules]]` entry matching a request, if any.
+fn matching_rule<'a>(
+    config: &'a Config,
+    grain: &str,
+    req: &Requested,
+) -> Option<&'a GrantRuleConfig> {
+    config.powerbox.rules.iter().find(|r| {
+        (r.grain == "*" || r.grain == grain)
+            && r.interface == req.interface_name()
+            && r.host
+                .as_deref()
+                .is_none_or(|h| req.host().is_none_or(|rh| rh.eq_ignore_ascii_case(h)))
+            && r.port.is_none_or(|p| req.port().is_none_or(|rp| rp == p))
+            && r.encryption.as_deref().is_none_or(|e| match req {
+                Requested::IpNetwork { encryption } => encryption.to_string() == e,
+                _ => false,
+            })
+    })
+}
+
+impl GrainApiImpl {
+    async fn by_rule(
+        &self,
+        rule: &GrantRuleConfig,
+        requested: &Requested,
+        label: &str,
+    ) -> Result<Rc<Grant>, Error> {
+        let what = describe(requested);
+        if rule.action == "deny" {
+            self.audit.record(
+                AuditRecord::new("deny")
+                    .grain(&self.grain)
+                    .detail(format!("{what} denied by rule {}", rule.name)),
+            );
+            return Err(Error::failed(format!(
+                "denied: the request for {what} is denied by the administrator's rule {}",
+                rule.name
+            )));
+        }
+        let driver = rule.driver.clone().unwrap_or_default();
+        let kind = GrantKind::for_request(requested, rule.host.as_deref(), rule.port)
+            .map_err(|e| Error::failed(format!("failed: rule {}: {e}", rule.name)))?;
+        let detail = format!(
+            "{} by rule {} (asked for {what})",
+            kind.describe(),
+            rule.name
+        );
+        self.grants
+            .create(
+                NewGrant {
+                    grain: self.grain.clone(),
+                    driver,
+                    kind,
+                    label: label.to_string(),
+                    rules: rule.policy.clone(),
+                    limits: rule.limits,
+                    source: format!("rule:{}", rule.name),
+                },
+                detail,
+            )
+            .await
+            .map_err(|e| Error::failed(format!("failed: the grant could not be stored: {e}")))
+    }
 }
 
 impl grain_api::Server for GrainApiImpl {
@@ -411,7 +510,7 @@ impl grain_api::Server for GrainApiImpl {
                     .grain(&self.grain)
                     .detail(e.to_string()),
             );
-            Error::failed(e.to_string())
+            Error::failed(format!("failed: {e}"))
         })?;
         let label = p
             .get_label()?
@@ -419,10 +518,14 @@ impl grain_api::Server for GrainApiImpl {
             .chars()
             .take(200)
             .collect::<String>();
-        let grant = self
-            .powerbox
-            .request(&self.grain, requested, &label)
-            .await?;
+        let grant = match matching_rule(&self.config, &self.grain, &requested) {
+            Some(rule) => self.by_rule(rule, &requested, &label).await?,
+            None => {
+                self.powerbox
+                    .request(&self.grain, requested, &label)
+                    .await?
+            }
+        };
         let mut r = results.get();
         r.reborrow()
             .get_cap()
@@ -433,22 +536,22 @@ impl grain_api::Server for GrainApiImpl {
 
     async fn restore(
         self: Rc<Self>,
-        _: grain_api::RestoreParams,
-        _: grain_api::RestoreResults,
+        params: grain_api::RestoreParams,
+        mut results: grain_api::RestoreResults,
     ) -> Result<(), Error> {
-        Err(Error::unimplemented(
-            "unsupported: saving and restoring capabilities is not available in this build".into(),
-        ))
+        let token = params.get()?.get_token()?.to_vec();
+        let cap = persist::restore(&self.grants, &self.grain, &token).await?;
+        results.get().get_cap().set_as_capability(cap.hook);
+        Ok(())
     }
 
     async fn drop(
         self: Rc<Self>,
-        _: grain_api::DropParams,
+        params: grain_api::DropParams,
         _: grain_api::DropResults,
     ) -> Result<(), Error> {
-        Err(Error::unimplemented(
-            "unsupported: saving and restoring capabilities is not available in this build".into(),
-        ))
+        let token = params.get()?.get_token()?.to_vec();
+        persist::drop_token(&self.grants, &self.grain, &token).await
     }
 
     async fn whoami(

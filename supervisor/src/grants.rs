@@ -22,6 +22,7 @@ use capnp::Error;
 
 use crate::audit::{Audit, AuditRecord, now_ms};
 use crate::drivers::DriverManager;
+use crate::state::{GrantRow, State, StateError};
 
 /// How long a call waits for a restarting driver before failing.
 const DRIVER_WAIT: Duration = Duration::from_secs(10);
@@ -131,6 +132,57 @@ impl GrantKind {
     }
 }
 
+/// The stored (JSON) form of a grant kind.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type")]
+enum StoredKind {
+    IpNetwork { tls: bool },
+    IpInterface,
+    IpRemoteHost { host: String },
+    TcpPort { host: String, port: u16 },
+    UdpPort { host: String, port: u16 },
+}
+
+impl GrantKind {
+    /// The JSON stored in the state database.
+    pub fn to_json(&self) -> String {
+        let k = match self {
+            GrantKind::IpNetwork { encryption } => StoredKind::IpNetwork {
+                tls: *encryption == Encryption::Tls,
+            },
+            GrantKind::IpInterface => StoredKind::IpInterface,
+            GrantKind::IpRemoteHost { host } => StoredKind::IpRemoteHost { host: host.clone() },
+            GrantKind::TcpPort { host, port } => StoredKind::TcpPort {
+                host: host.clone(),
+                port: *port,
+            },
+            GrantKind::UdpPort { host, port } => StoredKind::UdpPort {
+                host: host.clone(),
+                port: *port,
+            },
+        };
+        serde_json::to_string(&k).unwrap_or_default()
+    }
+
+    /// Parses the stored JSON.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let k: StoredKind = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        Ok(match k {
+            StoredKind::IpNetwork { tls } => GrantKind::IpNetwork {
+                encryption: if tls {
+                    Encryption::Tls
+                } else {
+                    Encryption::None
+                },
+            },
+            StoredKind::IpInterface => GrantKind::IpInterface,
+            StoredKind::IpRemoteHost { host } => GrantKind::IpRemoteHost { host },
+            StoredKind::TcpPort { host, port } => GrantKind::TcpPort { host, port },
+            StoredKind::UdpPort { host, port } => GrantKind::UdpPort { host, port },
+        })
+    }
+}
+
 /// Something derived from a grant that must let go of driver objects on revocation.
 pub trait Revocable {
     /// Releases everything the object holds from the driver.
@@ -153,6 +205,8 @@ pub struct Grant {
     pub rules: Vec<RuleConfig>,
     /// Limits.
     pub limits: GrantLimits,
+    /// Who granted it: `admin` or `rule:<name>`.
+    pub source: String,
     /// Creation time (ms since the epoch).
     pub created_ms: u64,
     /// Last use (ms since the epoch).
@@ -169,6 +223,7 @@ pub struct Grant {
     live: RefCell<Vec<Weak<dyn Revocable>>>,
     drivers: DriverManager,
     audit: Audit,
+    state: State,
 }
 
 impl Grant {
@@ -260,9 +315,31 @@ impl Grant {
         Ok(s.interface_request().send().pipeline.get_interface())
     }
 
-    /// Revokes the grant now: later calls fail, driver objects are released, the driver
-    /// closes the grant's connections and listeners.
-    pub fn revoke(&self, reason: &str) {
+    /// The state database.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Revokes the grant now — later calls fail, driver objects are released, the driver
+    /// closes the grant's connections and listeners — and records it durably.
+    pub async fn revoke(&self, reason: &str) -> Result<(), StateError> {
+        // Stamped before anything is cut, so the record's time bounds the cut-off delay.
+        let audit = AuditRecord::new("revoke")
+            .grain(&self.grain)
+            .grant(&self.id)
+            .driver(&self.driver)
+            .detail(reason.to_string());
+        self.revoke_live(reason);
+        self.audit.note(&audit);
+        let (id, reason) = (self.id.clone(), reason.to_string());
+        self.state
+            .call(move |db| db.revoke_grant(&id, now_ms(), &reason, &audit))
+            .await?;
+        Ok(())
+    }
+
+    /// Cuts off everything live at once (no database write).
+    pub fn revoke_live(&self, reason: &str) {
         if self.revoked.borrow().is_some() {
             return;
         }
@@ -279,13 +356,6 @@ impl Grant {
                 let _ = req.send().promise.await;
             });
         }
-        self.audit.record(
-            AuditRecord::new("revoke")
-                .grain(&self.grain)
-                .grant(&self.id)
-                .driver(&self.driver)
-                .detail(reason.to_string()),
-        );
     }
 }
 
@@ -308,41 +378,87 @@ pub struct NewGrant {
     pub rules: Vec<RuleConfig>,
     /// Limits.
     pub limits: GrantLimits,
+    /// Who granted it: `admin` or `rule:<name>`.
+    pub source: String,
 }
 
-/// All live grants.
+/// All grants: the live ones in memory, every one (revoked too) in the state database.
 #[derive(Clone)]
 pub struct GrantTable {
     inner: Rc<RefCell<BTreeMap<String, Rc<Grant>>>>,
     drivers: DriverManager,
     audit: Audit,
+    state: State,
+}
+
+/// A grant as `capnet grants list` shows it.
+#[derive(Clone, Debug)]
+pub struct GrantListing {
+    /// The stored row.
+    pub row: GrantRow,
+    /// Open connections now (0 if the grant is not live).
+    pub open_connections: u32,
 }
 
 impl GrantTable {
-    /// An empty table.
-    pub fn new(drivers: DriverManager, audit: Audit) -> Self {
-        Self {
+    /// The table, with the grants that are not revoked loaded from the database.
+    pub async fn load(
+        drivers: DriverManager,
+        audit: Audit,
+        state: State,
+    ) -> Result<Self, StateError> {
+        let table = Self {
             inner: Rc::default(),
             drivers,
             audit,
+            state,
+        };
+        let rows = table.state.call(|db| db.grants()).await?;
+        for row in rows.into_iter().filter(|r| r.revoked_ms.is_none()) {
+            match table.grant_of_row(&row) {
+                Ok(g) => {
+                    table.inner.borrow_mut().insert(row.id.clone(), g);
+                }
+                Err(e) => tracing::error!(grant = %row.id, error = %e, "skipping a stored grant"),
+            }
         }
+        Ok(table)
     }
 
-    /// Creates a grant.
-    pub fn create(&self, g: NewGrant) -> Rc<Grant> {
-        let id = new_id("grant");
-        let grant = Rc::new(Grant {
-            id: id.clone(),
+    fn grant_of_row(&self, row: &GrantRow) -> Result<Rc<Grant>, String> {
+        let kind = GrantKind::from_json(&row.kind)?;
+        let rules: Vec<RuleConfig> = serde_json::from_str(&row.rules).map_err(|e| e.to_string())?;
+        let limits: GrantLimits = serde_json::from_str(&row.limits).map_err(|e| e.to_string())?;
+        Ok(self.make(
+            row.id.clone(),
+            NewGrant {
+                grain: row.grain.clone(),
+                driver: row.driver.clone(),
+                kind,
+                label: row.label.clone(),
+                rules,
+                limits,
+                source: row.source.clone(),
+            },
+            row.created_ms,
+            (row.last_used_ms, row.bytes_in, row.bytes_out),
+        ))
+    }
+
+    fn make(&self, id: String, g: NewGrant, created_ms: u64, usage: (u64, u64, u64)) -> Rc<Grant> {
+        Rc::new(Grant {
+            id,
             grain: g.grain,
             driver: g.driver,
             kind: g.kind,
             label: g.label,
             rules: g.rules,
             limits: g.limits,
-            created_ms: now_ms(),
-            last_used_ms: Cell::new(0),
-            bytes_in: Cell::new(0),
-            bytes_out: Cell::new(0),
+            source: g.source,
+            created_ms,
+            last_used_ms: Cell::new(usage.0),
+            bytes_in: Cell::new(usage.1),
+            bytes_out: Cell::new(usage.2),
             open_connections: Cell::new(0),
             revoked: RefCell::new(None),
             session: RefCell::new(None),
@@ -350,24 +466,162 @@ impl GrantTable {
             live: RefCell::new(Vec::new()),
             drivers: self.drivers.clone(),
             audit: self.audit.clone(),
-        });
-        self.inner.borrow_mut().insert(id, grant.clone());
-        grant
+            state: self.state.clone(),
+        })
     }
 
-    /// A grant by id.
+    /// Creates a grant and stores it (with its audit record) before returning.
+    pub async fn create(&self, g: NewGrant, audit_detail: String) -> Result<Rc<Grant>, StateError> {
+        let id = new_id("grant");
+        let row = GrantRow {
+            id: id.clone(),
+            grain: g.grain.clone(),
+            driver: g.driver.clone(),
+            kind: g.kind.to_json(),
+            label: g.label.clone(),
+            rules: serde_json::to_string(&g.rules).unwrap_or_else(|_| "[]".into()),
+            limits: serde_json::to_string(&g.limits).unwrap_or_else(|_| "{}".into()),
+            source: g.source.clone(),
+            created_ms: now_ms(),
+            last_used_ms: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            revoked_ms: None,
+            revoke_reason: None,
+        };
+        let audit = AuditRecord::new("grant")
+            .grain(&g.grain)
+            .grant(&id)
+            .driver(&g.driver)
+            .detail(audit_detail);
+        self.audit.note(&audit);
+        let created = row.created_ms;
+        self.state
+            .call(move |db| db.insert_grant(&row, &audit))
+            .await?;
+        let grant = self.make(id.clone(), g, created, (0, 0, 0));
+        self.inner.borrow_mut().insert(id, grant.clone());
+        Ok(grant)
+    }
+
+    /// The audit sink.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// The state database.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// A live grant by id.
     pub fn get(&self, id: &str) -> Option<Rc<Grant>> {
         self.inner.borrow().get(id).cloned()
     }
 
-    /// Every grant, by id.
+    /// Every live grant.
     pub fn list(&self) -> Vec<Rc<Grant>> {
         self.inner.borrow().values().cloned().collect()
     }
 
-    /// Forgets a grant (after revocation).
-    pub fn remove(&self, id: &str) -> Option<Rc<Grant>> {
-        self.inner.borrow_mut().remove(id)
+    /// Every grant ever made (revoked ones too), with live counters where the grant is
+    /// live, filtered by grain and driver.
+    pub async fn listing(
+        &self,
+        grain: Option<&str>,
+        driver: Option<&str>,
+    ) -> Result<Vec<GrantListing>, StateError> {
+        self.flush_usage().await?;
+        let rows = self.state.call(|db| db.grants()).await?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| grain.is_none_or(|g| r.grain == g) && driver.is_none_or(|d| r.driver == d))
+            .map(|mut row| {
+                let open = match self.get(&row.id) {
+                    Some(g) => {
+                        row.bytes_in = g.bytes_in.get();
+                        row.bytes_out = g.bytes_out.get();
+                        row.last_used_ms = g.last_used_ms.get();
+                        g.open_connections.get()
+                    }
+                    None => 0,
+                };
+                GrantListing {
+                    row,
+                    open_connections: open,
+                }
+            })
+            .collect())
+    }
+
+    /// Revokes a grant by id (live effects at once, then the durable record).
+    pub async fn revoke(&self, id: &str, reason: &str) -> Result<bool, StateError> {
+        let grant = self.inner.borrow_mut().remove(id);
+        match grant {
+            Some(g) => {
+                g.revoke(reason).await?;
+                Ok(true)
+            }
+            None => {
+                // Not live: perhaps already revoked; record nothing twice.
+                let id2 = id.to_string();
+                let row = self.state.call(move |db| db.grant(&id2)).await?;
+                Ok(row.is_some_and(|r| r.revoked_ms.is_none()))
+            }
+        }
+    }
+
+    /// Revokes every live grant served by `driver`.
+    pub async fn revoke_driver(&self, driver: &str, reason: &str) -> Result<usize, StateError> {
+        let ids: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|g| g.driver == driver)
+            .map(|g| g.id.clone())
+            .collect();
+        for id in &ids {
+            self.revoke(id, reason).await?;
+        }
+        Ok(ids.len())
+    }
+
+    /// Revokes a grain's live grants and deletes all its grants and tokens.
+    pub async fn delete_grain(&self, grain: &str) -> Result<(usize, usize), StateError> {
+        let live: Vec<Rc<Grant>> = self
+            .list()
+            .into_iter()
+            .filter(|g| g.grain == grain)
+            .collect();
+        for g in &live {
+            self.inner.borrow_mut().remove(&g.id);
+            g.revoke_live("the grain was deleted");
+        }
+        let audit = AuditRecord::new("grain_deleted").grain(grain);
+        self.audit.note(&audit);
+        let grain = grain.to_string();
+        self.state
+            .call(move |db| db.delete_grain(&grain, &audit))
+            .await
+    }
+
+    /// Writes usage counters (last use, bytes) of live grants to the database.
+    pub async fn flush_usage(&self) -> Result<(), StateError> {
+        let usage: Vec<(String, u64, u64, u64)> = self
+            .list()
+            .iter()
+            .map(|g| {
+                (
+                    g.id.clone(),
+                    g.last_used_ms.get(),
+                    g.bytes_in.get(),
+                    g.bytes_out.get(),
+                )
+            })
+            .collect();
+        if usage.is_empty() {
+            return Ok(());
+        }
+        self.state.call(move |db| db.update_usage(&usage)).await
     }
 }
 

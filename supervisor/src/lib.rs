@@ -10,7 +10,8 @@
 //! * [`powerbox`] queues grains' requests for an administrator; [`grants`] keeps what was
 //!   granted; [`membrane`] proxies every call between grains and drivers.
 //! * [`admin`] serves the administrator's API; [`cli`] is its command-line client.
-//! * [`audit`] records security-relevant events.
+//! * [`audit`] records security-relevant events; [`state`] is the SQLite state database;
+//!   [`persist`] saves and restores capabilities as tokens.
 //! * [`sandbox`] builds the namespaced, cgroup-limited, seccomp-filtered processes that
 //!   grains and driver hosts run in.
 //! * [`sys`] holds every raw system call and foreign-function call of this crate.
@@ -25,6 +26,8 @@ pub mod drivers;
 pub mod grains;
 pub mod grants;
 pub mod membrane;
+pub mod persist;
 pub mod powerbox;
 pub mod sandbox;
+pub mod state;
 pub mod sys;

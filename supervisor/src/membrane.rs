@@ -16,11 +16,18 @@ use std::net::IpAddr;
 use std::rc::Rc;
 
 use capnet_schemas::bytestream::write_request;
-use capnet_schemas::ip_capnp::{ip_interface, ip_network, ip_remote_host, tcp_port};
+use capnet_schemas::grain_capnp::{persistent_ip_remote_host, persistent_tcp_port};
+use capnet_schemas::ip_capnp::{
+    ip_interface, ip_network, ip_remote_host, persistent_ip_interface, persistent_ip_network,
+    tcp_port,
+};
+use capnet_schemas::persistent_capnp::persistent;
+use capnet_schemas::system_persistent_capnp::{api_token_owner, system_persistent};
 use capnet_schemas::util_capnp::{byte_stream, handle};
 use capnp::Error;
 
 use crate::grants::{Grant, GrantKind, Revocable, revoked_error};
+use crate::persist::SavedObject;
 
 /// How a proxy names a host.
 #[derive(Clone, Debug)]
@@ -40,40 +47,105 @@ impl HostRef {
 
 /// The capability a grain receives for a grant.
 pub fn root_capability(grant: &Rc<Grant>) -> capnp::capability::Client {
-    match &grant.kind {
-        GrantKind::IpNetwork { .. } => {
-            let c: ip_network::Client = capnp_rpc::new_client(NetworkProxy {
-                grant: grant.clone(),
-            });
-            c.client
-        }
-        GrantKind::IpInterface => {
-            let c: ip_interface::Client = capnp_rpc::new_client(InterfaceProxy {
-                grant: grant.clone(),
-            });
-            c.client
-        }
-        GrantKind::IpRemoteHost { host } => {
-            let c: ip_remote_host::Client = capnp_rpc::new_client(RemoteHostProxy {
-                grant: grant.clone(),
-                host: HostRef::from_text(host),
-            });
-            c.client
-        }
-        GrantKind::TcpPort { host, port } => {
-            let c: tcp_port::Client = capnp_rpc::new_client(TcpPortProxy {
-                grant: grant.clone(),
-                host: HostRef::from_text(host),
-                port: *port,
-                cached: RefCell::new(None),
-            });
-            c.client
-        }
-        GrantKind::UdpPort { .. } => {
-            capnp_rpc::new_broken_cap(Error::unimplemented("UDP grants are not served yet".into()))
+    restore_capability(grant, &SavedObject::Root)
+}
+
+impl HostRef {
+    fn text(&self) -> String {
+        match self {
+            HostRef::Addr(a) => a.to_string(),
+            HostRef::Name(n) => n.clone(),
         }
     }
 }
+
+fn remote_host(grant: &Rc<Grant>, host: HostRef) -> ip_remote_host::Client {
+    let c: persistent_ip_remote_host::Client = capnp_rpc::new_client(RemoteHostProxy {
+        grant: grant.clone(),
+        host,
+    });
+    ip_remote_host::Client { client: c.client }
+}
+
+fn tcp_port(grant: &Rc<Grant>, host: HostRef, port: u16) -> tcp_port::Client {
+    let c: persistent_tcp_port::Client = capnp_rpc::new_client(TcpPortProxy {
+        grant: grant.clone(),
+        host,
+        port,
+        cached: RefCell::new(None),
+    });
+    tcp_port::Client { client: c.client }
+}
+
+/// The capability a saved `object` of `grant` names. Every capability of a grant
+/// implements `SystemPersistent`, so the grain can save it again.
+pub fn restore_capability(grant: &Rc<Grant>, object: &SavedObject) -> capnp::capability::Client {
+    match (object, &grant.kind) {
+        (SavedObject::Root, GrantKind::IpNetwork { .. }) => {
+            let c: persistent_ip_network::Client = capnp_rpc::new_client(NetworkProxy {
+                grant: grant.clone(),
+            });
+            c.client
+        }
+        (SavedObject::Root, GrantKind::IpInterface) => {
+            let c: persistent_ip_interface::Client = capnp_rpc::new_client(InterfaceProxy {
+                grant: grant.clone(),
+            });
+            c.client
+        }
+        (SavedObject::Root, GrantKind::IpRemoteHost { host })
+        | (SavedObject::RemoteHost { host }, _) => {
+            remote_host(grant, HostRef::from_text(host)).client
+        }
+        (SavedObject::Root, GrantKind::TcpPort { host, port })
+        | (SavedObject::TcpPort { host, port }, _) => {
+            tcp_port(grant, HostRef::from_text(host), *port).client
+        }
+        (SavedObject::Root, GrantKind::UdpPort { .. }) => capnp_rpc::new_broken_cap(
+            Error::unimplemented("unsupported: UDP grants are not served yet".into()),
+        ),
+    }
+}
+
+/// Implements `Persistent.save()` (and the empty `SystemPersistent`, and the combined
+/// persistent interface) for a proxy, saving the object `$object` names.
+macro_rules! persistent {
+    ($ty:ty, $iface:path, |$this:ident| $object:expr) => {
+        impl persistent::Server<capnp::data::Owned, api_token_owner::Owned> for $ty {
+            async fn save(
+                self: Rc<Self>,
+                _: persistent::SaveParams<api_token_owner::Owned, capnp::data::Owned>,
+                mut results: persistent::SaveResults<capnp::data::Owned, api_token_owner::Owned>,
+            ) -> Result<(), Error> {
+                let $this = &self;
+                let object = $object;
+                let token = crate::persist::save(&self.grant, object).await?;
+                results.get().set_sturdy_ref(&token[..])?;
+                Ok(())
+            }
+        }
+        impl system_persistent::Server for $ty {}
+        impl $iface for $ty {}
+    };
+}
+
+persistent!(NetworkProxy, persistent_ip_network::Server, |_p| {
+    SavedObject::Root
+});
+persistent!(InterfaceProxy, persistent_ip_interface::Server, |_p| {
+    SavedObject::Root
+});
+persistent!(RemoteHostProxy, persistent_ip_remote_host::Server, |p| {
+    SavedObject::RemoteHost {
+        host: p.host.text(),
+    }
+});
+persistent!(TcpPortProxy, persistent_tcp_port::Server, |p| {
+    SavedObject::TcpPort {
+        host: p.host.text(),
+        port: p.port,
+    }
+});
 
 /// `IpNetwork` proxy.
 struct NetworkProxy {
@@ -88,11 +160,9 @@ impl ip_network::Server for NetworkProxy {
     ) -> Result<(), Error> {
         self.grant.check_live()?;
         let addr = capnet_schemas::ip::read(params.get()?.get_address()?);
-        let h: ip_remote_host::Client = capnp_rpc::new_client(RemoteHostProxy {
-            grant: self.grant.clone(),
-            host: HostRef::Addr(addr),
-        });
-        results.get().set_host(h);
+        results
+            .get()
+            .set_host(remote_host(&self.grant, HostRef::Addr(addr)));
         Ok(())
     }
 
@@ -109,11 +179,9 @@ impl ip_network::Server for NetworkProxy {
             )));
         }
         // The driver parses and vets the name strictly when it is used.
-        let h: ip_remote_host::Client = capnp_rpc::new_client(RemoteHostProxy {
-            grant: self.grant.clone(),
-            host: HostRef::Name(name.to_string()),
-        });
-        results.get().set_host(h);
+        results
+            .get()
+            .set_host(remote_host(&self.grant, HostRef::Name(name.to_string())));
         Ok(())
     }
 }
@@ -132,13 +200,9 @@ impl ip_remote_host::Server for RemoteHostProxy {
     ) -> Result<(), Error> {
         self.grant.check_live()?;
         let port = params.get()?.get_port_num();
-        let p: tcp_port::Client = capnp_rpc::new_client(TcpPortProxy {
-            grant: self.grant.clone(),
-            host: self.host.clone(),
-            port,
-            cached: RefCell::new(None),
-        });
-        results.get().set_port(p);
+        results
+            .get()
+            .set_port(tcp_port(&self.grant, self.host.clone(), port));
         Ok(())
     }
 }

@@ -45,6 +45,7 @@ pub struct Daemon {
     child: Option<Child>,
     socket: PathBuf,
     config: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Daemon {
@@ -96,11 +97,26 @@ impl Daemon {
         socket: PathBuf,
         extra: &[String],
     ) -> Result<Self> {
-        let log = std::fs::File::create(dir.path().join("capnetd.log"))?;
+        let mut d = Self {
+            dir,
+            child: None,
+            socket,
+            config,
+            extra: extra.to_vec(),
+        };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("capnetd.log"))?;
         let child = Command::new(artifact("capnetd"))
             .arg("--config")
-            .arg(&config)
-            .args(extra)
+            .arg(&self.config)
+            .args(&self.extra)
             .env(
                 "CAPNET_LOG",
                 std::env::var("CAPNET_LOG").unwrap_or_else(|_| "info".into()),
@@ -110,14 +126,32 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .context("starting capnetd")?;
-        let mut d = Self {
-            dir,
-            child: Some(child),
-            socket,
-            config,
-        };
-        d.wait_ready(Duration::from_secs(20))?;
-        Ok(d)
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    /// Starts capnetd again on the same state directory and config (after [`Daemon::kill9`]
+    /// or [`Daemon::stop`]).
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("capnetd is still running; stop or kill it first");
+        }
+        self.spawn()
+    }
+
+    /// The state database file.
+    pub fn state_db(&self) -> PathBuf {
+        self.dir.path().join("state").join("state.db")
+    }
+
+    /// A grain's log file (readable while the daemon is down).
+    pub fn grain_log_file(&self, id: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("state")
+            .join("grains")
+            .join(id)
+            .join("log")
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {

@@ -72,6 +72,69 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         count: u32,
     },
+    /// Request a capability, save it, print the token.
+    Save {
+        /// network, interface, tcpport
+        #[arg(long, default_value = "network")]
+        kind: String,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Restore a token; with --echo-port, use it (as a network, or as the port it is) to
+    /// echo through; exit 3 if the restore is refused.
+    Restore {
+        #[arg(long)]
+        token: String,
+        /// What the token restores: network or tcpport.
+        #[arg(long, default_value = "network")]
+        kind: String,
+        #[arg(long)]
+        echo_port: Option<u16>,
+    },
+    /// Drop a token; exit 3 if refused.
+    Drop {
+        #[arg(long)]
+        token: String,
+    },
+    /// Save and drop tokens in a loop, printing SAVED/DROPPING/DROPPED lines.
+    TokenChurn {
+        /// Keep at most this many live tokens (drop the oldest beyond it).
+        #[arg(long, default_value_t = 8)]
+        keep: usize,
+    },
+    /// Restore every live token (must succeed) and every dropped one (must fail).
+    Verify {
+        /// Comma-separated hex tokens that must restore.
+        #[arg(long, default_value = "")]
+        live: String,
+        /// Comma-separated hex tokens that must not restore.
+        #[arg(long, default_value = "")]
+        dropped: String,
+        /// Comma-separated hex tokens to drop after verifying (DROPPING/DROPPED lines).
+        #[arg(long, default_value = "")]
+        drop: String,
+    },
+    /// Request a TcpPort and show it reaches its host:port and nothing else.
+    NarrowProbe {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        other_port: u16,
+    },
+    /// Request IpNetwork and IpInterface; keep a bulk transfer, an idle connection and a
+    /// listener open until the grant is revoked, then try again and report the errors.
+    RevokeVictim {
+        #[arg(long)]
+        sink_port: u16,
+        #[arg(long)]
+        echo_port: u16,
+        #[arg(long)]
+        listen_port: u16,
+    },
     /// Request IpNetwork; connect to `crash_port` (the driver crashes), then retry the echo
     /// server until the restarted driver serves it.
     CrashRecover {
@@ -80,6 +143,57 @@ enum Cmd {
         #[arg(long)]
         echo_port: u16,
     },
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(t: &str) -> Result<Vec<u8>> {
+    if !t.len().is_multiple_of(2) {
+        bail!("odd-length hex");
+    }
+    (0..t.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&t[i..i + 2], 16).context("bad hex"))
+        .collect()
+}
+
+type PersistentClient = capnet_schemas::persistent_capnp::persistent::Client<
+    capnp::data::Owned,
+    capnet_schemas::system_persistent_capnp::api_token_owner::Owned,
+>;
+
+async fn save_cap(cap: &capnp::capability::Client) -> Result<Vec<u8>> {
+    let p: PersistentClient = capnp::capability::FromClientHook::new(cap.hook.add_ref());
+    let resp = p.save_request().send().promise.await.map_err(clean)?;
+    Ok(resp.get()?.get_sturdy_ref()?.to_vec())
+}
+
+async fn restore_cap(
+    api: &grain_api::Client,
+    token: &[u8],
+) -> Result<capnp::capability::Client, capnp::Error> {
+    let mut req = api.restore_request();
+    req.get().set_token(token);
+    let resp = req.send().promise.await?;
+    resp.get()?.get_cap().get_as_capability()
+}
+
+fn requested(kind: &str, host: Option<String>, port: Option<u16>) -> Result<Requested> {
+    Ok(match kind {
+        "network" => Requested::IpNetwork {
+            encryption: Encryption::None,
+        },
+        "network-tls" => Requested::IpNetwork {
+            encryption: Encryption::Tls,
+        },
+        "interface" => Requested::IpInterface,
+        "host" => Requested::IpRemoteHost { host },
+        "tcpport" => Requested::TcpPort { host, port },
+        "udpport" => Requested::UdpPort { host, port },
+        other => bail!("unknown kind {other}"),
+    })
 }
 
 fn main() {
@@ -348,6 +462,230 @@ async fn run(args: Args) -> Result<i32> {
             println!(
                 "{}",
                 json!({"ok": true, "micros": micros, "connect_micros": connect_micros})
+            );
+            Ok(0)
+        }
+        Cmd::Save { kind, host, port } => {
+            let g = request(&api, requested(&kind, host, port)?, "test: save").await?;
+            let token = save_cap(&g.cap).await?;
+            println!(
+                "{}",
+                json!({"ok": true, "grant": g.grant_id, "token": hex(&token)})
+            );
+            Ok(0)
+        }
+        Cmd::Restore {
+            token,
+            kind,
+            echo_port,
+        } => {
+            let cap = match restore_cap(&api, &unhex(&token)?).await {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("{}", json!({"ok": false, "refused": clean(e).to_string()}));
+                    return Ok(3);
+                }
+            };
+            if let Some(port) = echo_port {
+                let p: tcp_port::Client = match kind.as_str() {
+                    "network" => {
+                        let net: ip_network::Client =
+                            capnp::capability::FromClientHook::new(cap.hook.add_ref());
+                        port_of(&net, "127.0.0.1", port).await
+                    }
+                    _ => capnp::capability::FromClientHook::new(cap.hook.add_ref()),
+                };
+                echo_once(&p, 100_000, 3).await?;
+            }
+            // A restored capability can be saved again.
+            let again = save_cap(&cap).await?;
+            println!(
+                "{}",
+                json!({"ok": true, "echoed": echo_port.is_some(), "resaved": again.len()})
+            );
+            Ok(0)
+        }
+        Cmd::Drop { token } => {
+            let mut req = api.drop_request();
+            req.get().set_token(&unhex(&token)?);
+            match req.send().promise.await {
+                Ok(_) => {
+                    println!("{}", json!({"ok": true}));
+                    Ok(0)
+                }
+                Err(e) => {
+                    println!("{}", json!({"ok": false, "refused": clean(e).to_string()}));
+                    Ok(3)
+                }
+            }
+        }
+        Cmd::TokenChurn { keep } => {
+            let g = request(
+                &api,
+                Requested::IpNetwork {
+                    encryption: Encryption::None,
+                },
+                "test: churn",
+            )
+            .await?;
+            let mut live: std::collections::VecDeque<Vec<u8>> = Default::default();
+            loop {
+                let t = save_cap(&g.cap).await?;
+                println!("SAVED {}", hex(&t));
+                live.push_back(t);
+                if live.len() > keep
+                    && let Some(old) = live.pop_front()
+                {
+                    println!("DROPPING {}", hex(&old));
+                    let mut req = api.drop_request();
+                    req.get().set_token(&old);
+                    req.send().promise.await.map_err(clean)?;
+                    println!("DROPPED {}", hex(&old));
+                }
+            }
+        }
+        Cmd::Verify {
+            live,
+            dropped,
+            drop,
+        } => {
+            let split = |t: &str| -> Vec<String> {
+                t.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            };
+            let mut bad = Vec::new();
+            let (live, dropped) = (split(&live), split(&dropped));
+            for t in &live {
+                if let Err(e) = restore_cap(&api, &unhex(t)?).await {
+                    bad.push(format!("live token {t} did not restore: {}", clean(e)));
+                }
+            }
+            for t in &dropped {
+                match restore_cap(&api, &unhex(t)?).await {
+                    Ok(_) => bad.push(format!("dropped token {t} restored")),
+                    Err(e) if !e.to_string().contains("dropped") => bad.push(format!(
+                        "dropped token {t} refused for the wrong reason: {}",
+                        clean(e)
+                    )),
+                    Err(_) => {}
+                }
+            }
+            for t in split(&drop) {
+                println!("DROPPING {t}");
+                let mut req = api.drop_request();
+                req.get().set_token(&unhex(&t)?);
+                req.send().promise.await.map_err(clean)?;
+                println!("DROPPED {t}");
+            }
+            println!(
+                "{}",
+                json!({"ok": bad.is_empty(), "live": live.len(), "dropped": dropped.len(), "problems": bad})
+            );
+            Ok(if bad.is_empty() { 0 } else { 1 })
+        }
+        Cmd::NarrowProbe {
+            host,
+            port,
+            other_port,
+        } => {
+            let g = request(
+                &api,
+                Requested::TcpPort {
+                    host: Some(host.clone()),
+                    port: Some(port),
+                },
+                "test: narrow",
+            )
+            .await?;
+            let p: tcp_port::Client = g.cast();
+            echo_once(&p, 10_000, 5).await?;
+            // The same capability used as a host or a network: not served.
+            let as_host: capnet_schemas::ip_capnp::ip_remote_host::Client = g.cast();
+            let mut req = as_host.get_tcp_port_request();
+            req.get().set_port_num(other_port);
+            let other = req.send().pipeline.get_port();
+            let other_err = bytestream::connect(&other)
+                .await
+                .err()
+                .map(|e| clean(e).to_string());
+            let as_net: ip_network::Client = g.cast();
+            let third = port_of(&as_net, "localhost", other_port).await;
+            let net_err = bytestream::connect(&third)
+                .await
+                .err()
+                .map(|e| clean(e).to_string());
+            println!(
+                "{}",
+                json!({"ok": other_err.is_some() && net_err.is_some(),
+                                   "other_port_error": other_err, "as_network_error": net_err})
+            );
+            Ok(0)
+        }
+        Cmd::RevokeVictim {
+            sink_port,
+            echo_port,
+            listen_port,
+        } => {
+            let g = request(
+                &api,
+                Requested::IpNetwork {
+                    encryption: Encryption::None,
+                },
+                "test: victim",
+            )
+            .await?;
+            let net: ip_network::Client = g.cast();
+            let gi = request(&api, Requested::IpInterface, "test: victim listens").await?;
+            let iface: ip_interface::Client = gi.cast();
+            // A bulk transfer that never ends on its own.
+            let sink = port_of(&net, "127.0.0.1", sink_port).await;
+            let bulk = bytestream::connect(&sink).await.map_err(clean)?;
+            let (_bulk_r, mut bulk_w) = tokio::io::split(bulk);
+            let writer = tokio::task::spawn_local(async move {
+                let chunk = vec![7u8; 256 * 1024];
+                let mut sent = 0u64;
+                loop {
+                    if bulk_w.write_all(&chunk).await.is_err() {
+                        return sent;
+                    }
+                    sent += chunk.len() as u64;
+                }
+            });
+            // An idle connection.
+            let echo = port_of(&net, "127.0.0.1", echo_port).await;
+            let mut idle = bytestream::connect(&echo).await.map_err(clean)?;
+            // A listener.
+            let (lp, _incoming) = bytestream::listener();
+            let mut req = iface.listen_tcp_request();
+            req.get().set_port_num(listen_port);
+            req.get().set_port(lp);
+            let _handle = req
+                .send()
+                .promise
+                .await
+                .map_err(clean)?
+                .get()?
+                .get_handle()?;
+            println!("READY {} {}", g.grant_id, gi.grant_id);
+            let mut b = [0u8; 1];
+            let idle_end = idle.read(&mut b).await;
+            let sent = writer.await.unwrap_or(0);
+            println!(
+                "{}",
+                json!({"event": "closed", "idle_read": format!("{idle_end:?}"), "bulk_sent": sent})
+            );
+            let again = bytestream::connect(&echo)
+                .await
+                .err()
+                .map(|e| clean(e).to_string());
+            let mut req = net.get_remote_host_by_name_request();
+            req.get().set_address("127.0.0.1");
+            let host_err = req.send().promise.await.err().map(|e| clean(e).to_string());
+            println!(
+                "{}",
+                json!({"ok": true, "connect_error": again, "host_error": host_err})
             );
             Ok(0)
         }

@@ -1,0 +1,185 @@
+//! Networks granted with `encryption = tls`: the driver wraps each connection in TLS,
+//! verified against the configured CA set, and the grain sees plain bytes.
+
+use std::sync::Arc;
+
+use capnet_driver_api::capnet_schemas::bytestream;
+use capnet_driver_api::testing::{GrantConfig, Harness, HarnessConfig};
+use capnet_driver_api::{Driver, DriverError, DriverHost, Manifest, NoOptions, Privileges};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls;
+
+struct Plain;
+
+impl Driver for Plain {
+    type Options = NoOptions;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            name: "plain".into(),
+            version: "0.0.0".into(),
+            description: "test".into(),
+            author: "test".into(),
+            provides: vec![],
+            privileges: Privileges::default(),
+        }
+    }
+
+    fn start(_: NoOptions, _: &DriverHost) -> Result<Self, DriverError> {
+        Ok(Plain)
+    }
+}
+
+struct Pki {
+    ca_pem: String,
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+/// A throwaway CA and a server certificate for `name` signed by it.
+fn pki(name: &str) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec![name.to_string()])
+        .expect("params")
+        .signed_by(&leaf_key, &ca)
+        .expect("leaf");
+    Pki {
+        ca_pem: ca.pem(),
+        cert: leaf.der().clone(),
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+    }
+}
+
+/// A TLS echo server on 127.0.0.1 presenting `pki`'s certificate.
+async fn tls_echo(pki: &Pki) -> u16 {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![pki.cert.clone()], pki.key.clone_key())
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::task::spawn_local(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::task::spawn_local(async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tls.read(&mut buf).await {
+                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+fn run<F: std::future::Future<Output = ()>>(f: F) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tokio::task::LocalSet::new().block_on(&rt, f);
+}
+
+/// Connects through a TLS grant. The harness and grant are returned with the stream: the
+/// connection lives only as long as its grant.
+async fn connect_via(
+    ca_pem: &str,
+    port: u16,
+) -> Result<
+    (
+        tokio::io::DuplexStream,
+        Harness,
+        capnet_driver_api::testing::TestGrant,
+    ),
+    capnp::Error,
+> {
+    let dir = tempfile_dir();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, ca_pem).expect("write ca");
+    let h = Harness::start::<Plain>(HarnessConfig {
+        options_toml: format!(
+            "system_ca = false\nextra_ca_files = [{:?}]\nstatic_hosts = {{ \"tls.test\" = [\"127.0.0.1\"] }}\n",
+            ca.display().to_string()
+        ),
+        ..Default::default()
+    })
+    .await?;
+    let grant = h
+        .open_grant(GrantConfig {
+            tls: true,
+            ..Default::default()
+        })
+        .await?;
+    let net = grant.network().await?;
+    let mut req = net.get_remote_host_by_name_request();
+    req.get().set_address("tls.test");
+    let host = req.send().pipeline.get_host();
+    let mut req = host.get_tcp_port_request();
+    req.get().set_port_num(port);
+    let p = req.send().pipeline.get_port();
+    let s = bytestream::connect(&p).await?;
+    Ok((s, h, grant))
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "capnet-tls-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&d).expect("tmp dir");
+    d
+}
+
+/// With `encryption = tls` the grain writes and reads plain bytes while the wire carries a
+/// TLS session verified against the administrator's CA.
+#[test]
+fn tls_network_wraps_connections() {
+    run(async {
+        let pki = pki("tls.test");
+        let port = tls_echo(&pki).await;
+        let (mut s, _h, _g) = connect_via(&pki.ca_pem, port).await.expect("tls connect");
+        s.write_all(b"secret hello").await.expect("write");
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"secret hello");
+    });
+}
+
+/// A server whose certificate does not chain to a trusted CA is refused: no connection
+/// reaches the grain.
+#[test]
+fn untrusted_certificate_is_refused() {
+    run(async {
+        let server = pki("tls.test");
+        let other = pki("tls.test");
+        let port = tls_echo(&server).await;
+        let err = match connect_via(&other.ca_pem, port).await {
+            Ok(_) => panic!("must not trust the server"),
+            Err(e) => e,
+        };
+        assert!(
+            err.to_string().contains("TLS handshake with tls.test"),
+            "{err}"
+        );
+    });
+}
