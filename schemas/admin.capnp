@@ -7,6 +7,7 @@
 
 using Util = import "util.capnp";
 using Policy = import "policy.capnp";
+using Manifest = import "manifest.capnp";
 
 interface Admin {
   startGrain @0 (spec :GrainSpec) -> (grain :GrainInfo);
@@ -56,6 +57,41 @@ interface Admin {
 
   deleteGrain @15 (grainId :Text) -> (grants :UInt32, tokens :UInt32);
   # Stops the grain if it runs and deletes its grants, tokens, data and log.
+
+  inspectDriver @16 (path :Text) -> (plugin :PluginInfo);
+  # Reads the plugin file once and inspects it in a sandboxed driver host: what it says it
+  # is, what it asks for, its size and SHA-256. Nothing is loaded into capnetd.
+
+  approveDriver @17 (path :Text, name :Text, sha256 :Text) -> (plugin :PluginInfo);
+  # Approves exactly the file whose SHA-256 is `sha256` (as inspect showed it) under
+  # `name` (default: the plugin's name) with the privileges its manifest asks for: writes
+  # the approval into the config and starts the driver. Fails if the file changed.
+
+  revokeDriver @18 (name :Text, reason :Text) -> (grantsRevoked :UInt32);
+  # Removes the driver's approval from the config, stops it and revokes all its grants.
+
+  upgradeDriver @19 (name :Text, path :Text, sha256 :Text) -> (plugin :PluginInfo);
+  # Replaces an approved driver's plugin with the file whose SHA-256 is `sha256`; its
+  # grants stay and restore against the new version.
+
+  driverApproval @20 (name :Text) -> (sha256 :Text, privileges :Manifest.Privileges, plugin :Text, running :PluginInfo, isRunning :Bool);
+  # What is approved for a driver, and what its running plugin reported.
+
+  reload @21 () -> (summary :Text);
+  # Re-reads the config (as SIGHUP does). A broken config is refused with its line and
+  # column and nothing changes; otherwise new drivers start, removed ones stop (their
+  # grants are revoked), changed ones restart, and the rest is untouched.
+}
+
+struct PluginInfo {
+  path @0 :Text;
+  size @1 :UInt64;
+  sha256 @2 :Text;
+  name @3 :Text;
+  version @4 :Text;
+  abiMajor @5 :UInt16;
+  abiMinor @6 :UInt16;
+  manifest @7 :Manifest.Manifest;
 }
 
 struct GrantInfo {

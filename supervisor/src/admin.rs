@@ -18,11 +18,14 @@ use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
 use crate::audit::{Audit, AuditRecord};
+use crate::config::SharedConfig;
 use crate::drivers::DriverManager;
+use crate::drivers::Inspection;
 use crate::grains::{GrainInfo, GrainManager, GrainState, StartSpec};
 use crate::grants::{GrantKind, GrantTable, NewGrant};
 use crate::powerbox::{Answer, Powerbox, RequestInfo, describe};
 use crate::state::AuditFilter;
+use capnet_schemas::admin_capnp::plugin_info;
 
 /// Binding the admin socket failed.
 #[derive(Debug, thiserror::Error)]
@@ -106,12 +109,60 @@ pub struct AdminImpl {
     pub grants: GrantTable,
     /// Pending requests.
     pub powerbox: Powerbox,
+    /// The configuration in force.
+    pub config: SharedConfig,
     /// Audit trail.
     pub audit: Audit,
     /// Default stop grace period.
     pub stop_grace: Duration,
     /// Notified when an administrator asks the daemon to shut down.
     pub shutdown: Rc<Notify>,
+}
+
+fn absolute(path: &str) -> Result<std::path::PathBuf, Error> {
+    let p = std::path::PathBuf::from(path);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err(Error::failed(format!(
+            "{path:?} is not an absolute path (the CLI sends absolute paths)"
+        )))
+    }
+}
+
+fn write_plugin(mut b: plugin_info::Builder<'_>, i: &Inspection) {
+    b.set_path(i.path.display().to_string());
+    b.set_size(i.size);
+    b.set_sha256(&i.sha256);
+    b.set_name(&i.identity.name);
+    b.set_version(&i.identity.version);
+    b.set_abi_major(i.identity.abi_major);
+    b.set_abi_minor(i.identity.abi_minor);
+    i.identity.manifest.write(b.init_manifest());
+}
+
+impl AdminImpl {
+    /// Inspects `path` and fails unless its SHA-256 is `sha` (what the administrator saw).
+    async fn inspect_expecting(
+        &self,
+        path: &std::path::Path,
+        sha: &str,
+    ) -> Result<Inspection, Error> {
+        let i = self.drivers.inspect(path).await.map_err(Error::failed)?;
+        if sha.is_empty() {
+            return Err(Error::failed(
+                "give the SHA-256 shown by `capnet driver inspect` (the CLI does)".to_string(),
+            ));
+        }
+        if i.sha256 != sha {
+            return Err(Error::failed(format!(
+                "{} changed since it was inspected: SHA-256 is now {}, not {sha}; inspect it again",
+                path.display(),
+                i.sha256
+            )));
+        }
+        Ok(i)
+    }
 }
 
 fn err(e: impl std::fmt::Display) -> Error {
@@ -545,6 +596,188 @@ impl admin::Server for AdminImpl {
         let mut r = results.get();
         r.set_grants(grants as u32);
         r.set_tokens(tokens as u32);
+        Ok(())
+    }
+
+    async fn inspect_driver(
+        self: Rc<Self>,
+        params: admin::InspectDriverParams,
+        mut results: admin::InspectDriverResults,
+    ) -> Result<(), Error> {
+        let path = absolute(params.get()?.get_path()?.to_str()?)?;
+        let i = self.drivers.inspect(&path).await.map_err(Error::failed)?;
+        write_plugin(results.get().init_plugin(), &i);
+        Ok(())
+    }
+
+    async fn approve_driver(
+        self: Rc<Self>,
+        params: admin::ApproveDriverParams,
+        mut results: admin::ApproveDriverResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let path = absolute(p.get_path()?.to_str()?)?;
+        let sha = p.get_sha256()?.to_str()?.to_ascii_lowercase();
+        let i = self.inspect_expecting(&path, &sha).await?;
+        let name = match p.get_name()?.to_str()? {
+            "" => i.identity.name.clone(),
+            n => n.to_string(),
+        };
+        let config = self.config.get();
+        if let Some(d) = config.drivers.get(&name)
+            && d.sha256.is_some()
+        {
+            return Err(Error::failed(format!(
+                "driver {name} is already approved; use `capnet driver upgrade {name} {}` to \
+                 replace its plugin",
+                path.display()
+            )));
+        }
+        crate::config_edit::approve(
+            &config.path,
+            &name,
+            &path,
+            &sha,
+            &i.identity.manifest.privileges,
+        )
+        .map_err(err)?;
+        self.audit.record(
+            AuditRecord::new("driver_approved")
+                .driver(&name)
+                .detail(format!(
+                    "{} {} v{} sha256 {sha}, privileges [{}]",
+                    path.display(),
+                    i.identity.name,
+                    i.identity.version,
+                    i.identity.manifest.privileges.names().join(", ")
+                )),
+        );
+        crate::daemon::reload(&self.config, &self.drivers, &self.grants, &self.audit)
+            .await
+            .map_err(Error::failed)?;
+        write_plugin(results.get().init_plugin(), &i);
+        Ok(())
+    }
+
+    async fn revoke_driver(
+        self: Rc<Self>,
+        params: admin::RevokeDriverParams,
+        mut results: admin::RevokeDriverResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_str()?.to_string();
+        let reason = match p.get_reason()?.to_str()? {
+            "" => "the administrator revoked the driver's approval".to_string(),
+            r => r.to_string(),
+        };
+        let config = self.config.get();
+        if !config.drivers.contains_key(&name) {
+            return Err(Error::failed(format!(
+                "no driver {name} in the config; see `capnet driver list`"
+            )));
+        }
+        let live = self
+            .grants
+            .list()
+            .into_iter()
+            .filter(|g| g.driver == name)
+            .count();
+        self.grants
+            .revoke_driver(&name, &reason)
+            .await
+            .map_err(err)?;
+        crate::config_edit::remove_driver(&config.path, &name).map_err(err)?;
+        self.audit.record(
+            AuditRecord::new("driver_revoked")
+                .driver(&name)
+                .detail(reason),
+        );
+        crate::daemon::reload(&self.config, &self.drivers, &self.grants, &self.audit)
+            .await
+            .map_err(Error::failed)?;
+        results.get().set_grants_revoked(live as u32);
+        Ok(())
+    }
+
+    async fn upgrade_driver(
+        self: Rc<Self>,
+        params: admin::UpgradeDriverParams,
+        mut results: admin::UpgradeDriverResults,
+    ) -> Result<(), Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_str()?.to_string();
+        let path = absolute(p.get_path()?.to_str()?)?;
+        let sha = p.get_sha256()?.to_str()?.to_ascii_lowercase();
+        let config = self.config.get();
+        if !config.drivers.contains_key(&name) {
+            return Err(Error::failed(format!(
+                "no driver {name} to upgrade; approve it with `capnet driver approve {} --name {name}`",
+                path.display()
+            )));
+        }
+        let i = self.inspect_expecting(&path, &sha).await?;
+        crate::config_edit::approve(
+            &config.path,
+            &name,
+            &path,
+            &sha,
+            &i.identity.manifest.privileges,
+        )
+        .map_err(err)?;
+        self.audit.record(
+            AuditRecord::new("driver_upgraded")
+                .driver(&name)
+                .detail(format!(
+                    "{} v{} sha256 {sha}, privileges [{}]",
+                    path.display(),
+                    i.identity.version,
+                    i.identity.manifest.privileges.names().join(", ")
+                )),
+        );
+        crate::daemon::reload(&self.config, &self.drivers, &self.grants, &self.audit)
+            .await
+            .map_err(Error::failed)?;
+        write_plugin(results.get().init_plugin(), &i);
+        Ok(())
+    }
+
+    async fn driver_approval(
+        self: Rc<Self>,
+        params: admin::DriverApprovalParams,
+        mut results: admin::DriverApprovalResults,
+    ) -> Result<(), Error> {
+        let name = params.get()?.get_name()?.to_str()?.to_string();
+        let config = self.config.get();
+        let Some(d) = config.drivers.get(&name) else {
+            return Err(Error::failed(format!("no driver {name} in the config")));
+        };
+        let mut r = results.get();
+        r.set_sha256(d.sha256.as_deref().unwrap_or(""));
+        r.set_plugin(config.plugin_path(d).display().to_string());
+        d.privileges
+            .unwrap_or_default()
+            .write(r.reborrow().init_privileges());
+        if let Some((_, _, Some(id))) = self.drivers.approval(&name) {
+            r.set_is_running(true);
+            let mut b = r.init_running();
+            b.set_name(&id.name);
+            b.set_version(&id.version);
+            b.set_abi_major(id.abi_major);
+            b.set_abi_minor(id.abi_minor);
+            id.manifest.write(b.init_manifest());
+        }
+        Ok(())
+    }
+
+    async fn reload(
+        self: Rc<Self>,
+        _: admin::ReloadParams,
+        mut results: admin::ReloadResults,
+    ) -> Result<(), Error> {
+        let summary = crate::daemon::reload(&self.config, &self.drivers, &self.grants, &self.audit)
+            .await
+            .map_err(Error::failed)?;
+        results.get().set_summary(summary);
         Ok(())
     }
 

@@ -43,6 +43,8 @@ enum Command {
     Grants(GrantsCmd),
     /// Read the audit trail.
     Audit(AuditArgs),
+    /// Re-read the config (as SIGHUP does); a broken config changes nothing.
+    Reload,
     /// Stop the daemon (and every grain and driver).
     Shutdown,
 }
@@ -220,6 +222,125 @@ fn parse_since(text: &str) -> Result<u64> {
 enum DriverCmd {
     /// List drivers and their state.
     List,
+    /// Show what a plugin file is and asks for, without loading it into capnetd.
+    Inspect {
+        /// The plugin file (.so).
+        path: PathBuf,
+    },
+    /// Approve a plugin file (pinned to its SHA-256 and the privileges it asks for).
+    Approve {
+        /// The plugin file (.so).
+        path: PathBuf,
+        /// The driver's name (default: the plugin's own name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Stop a driver, revoke all its grants and remove its approval.
+    Revoke {
+        /// The driver's name.
+        name: String,
+        /// Why (recorded in the audit trail, shown to grains).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Replace an approved driver's plugin; its grants stay and restore against the new one.
+    Upgrade {
+        /// The driver's name.
+        name: String,
+        /// The new plugin file (.so).
+        path: PathBuf,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+fn plugin_json(
+    p: capnet_schemas::admin_capnp::plugin_info::Reader<'_>,
+) -> Result<serde_json::Value> {
+    let m = capnet_driver_api::Manifest::read(p.get_manifest()?)
+        .map_err(|e| anyhow!("malformed manifest: {e}"))?;
+    Ok(json!({
+        "path": p.get_path()?.to_str()?,
+        "size": p.get_size(),
+        "sha256": p.get_sha256()?.to_str()?,
+        "name": p.get_name()?.to_str()?,
+        "version": p.get_version()?.to_str()?,
+        "abi": format!("{}.{}", p.get_abi_major(), p.get_abi_minor()),
+        "manifest": m,
+    }))
+}
+
+fn plugin_text(v: &serde_json::Value) -> String {
+    let m = &v["manifest"];
+    let provides: Vec<String> = m["provides"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    let protos: Vec<&str> = p["protocols"]
+                        .as_array()
+                        .map(|x| x.iter().filter_map(|s| s.as_str()).collect())
+                        .unwrap_or_default();
+                    format!(
+                        "{} ({})",
+                        p["name"].as_str().unwrap_or("?"),
+                        protos.join(", ")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let privs: Vec<&str> = m["privileges"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(_, v)| v.as_bool() == Some(true))
+                .map(|(k, _)| k.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "plugin      {}\nname        {}\nversion     {}\ndescription {}\nauthor      {}\nABI         {}\nsize        {} bytes\nsha256      {}\nprovides    {}\nprivileges  {}",
+        v["path"].as_str().unwrap_or(""),
+        v["name"].as_str().unwrap_or(""),
+        v["version"].as_str().unwrap_or(""),
+        m["description"].as_str().unwrap_or(""),
+        m["author"].as_str().unwrap_or(""),
+        v["abi"].as_str().unwrap_or(""),
+        v["size"],
+        v["sha256"].as_str().unwrap_or(""),
+        if provides.is_empty() {
+            "nothing".to_string()
+        } else {
+            provides.join(", ")
+        },
+        if privs.is_empty() {
+            "none".to_string()
+        } else {
+            privs.join(", ")
+        },
+    )
+}
+
+/// Asks a yes/no question on the terminal; refuses without a terminal.
+fn confirm(question: &str) -> Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        bail!("{question} — no terminal to ask on; pass --yes to confirm");
+    }
+    print!("{question} [y/N] ");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+fn absolute_path(p: &std::path::Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
 }
 
 /// Parses `--allow` / `--deny` specs into a rule.
@@ -754,6 +875,112 @@ async fn run(cli: Cli) -> Result<()> {
                     println!("{line}");
                 }
             }
+        }
+        Command::Reload => {
+            let resp = admin.reload_request().send().promise.await.map_err(clean)?;
+            let summary = resp.get()?.get_summary()?.to_str()?.to_string();
+            print_value(j, &json!({"summary": summary}), || summary.clone());
+        }
+        Command::Driver(DriverCmd::Inspect { path }) => {
+            let path = absolute_path(&path)?;
+            let mut req = admin.inspect_driver_request();
+            req.get().set_path(path.display().to_string());
+            let resp = req.send().promise.await.map_err(clean)?;
+            let v = plugin_json(resp.get()?.get_plugin()?)?;
+            print_value(j, &v, || plugin_text(&v));
+        }
+        Command::Driver(DriverCmd::Approve { path, name, yes }) => {
+            let path = absolute_path(&path)?;
+            let mut req = admin.inspect_driver_request();
+            req.get().set_path(path.display().to_string());
+            let resp = req.send().promise.await.map_err(clean)?;
+            let v = plugin_json(resp.get()?.get_plugin()?)?;
+            let name = name.unwrap_or_else(|| v["name"].as_str().unwrap_or("").to_string());
+            if !j {
+                println!("{}", plugin_text(&v));
+            }
+            if !yes
+                && !confirm(&format!(
+                    "Approve this plugin as driver {name}, with exactly these privileges?"
+                ))?
+            {
+                bail!("not approved");
+            }
+            let mut req = admin.approve_driver_request();
+            req.get().set_path(path.display().to_string());
+            req.get().set_name(&name);
+            req.get().set_sha256(v["sha256"].as_str().unwrap_or(""));
+            req.send().promise.await.map_err(clean)?;
+            print_value(j, &json!({"approved": name, "plugin": v}), || {
+                format!(
+                    "approved {name}: pinned to sha256 {}; the driver is starting",
+                    v["sha256"].as_str().unwrap_or("")
+                )
+            });
+        }
+        Command::Driver(DriverCmd::Revoke { name, reason }) => {
+            let mut req = admin.revoke_driver_request();
+            req.get().set_name(&name);
+            req.get().set_reason(&reason);
+            let resp = req.send().promise.await.map_err(clean)?;
+            let n = resp.get()?.get_grants_revoked();
+            print_value(j, &json!({"revoked": name, "grants_revoked": n}), || {
+                format!(
+                    "revoked driver {name}: stopped, {n} grant(s) revoked, approval removed from the config"
+                )
+            });
+        }
+        Command::Driver(DriverCmd::Upgrade { name, path, yes }) => {
+            let path = absolute_path(&path)?;
+            let mut req = admin.driver_approval_request();
+            req.get().set_name(&name);
+            let cur = req.send().promise.await.map_err(clean)?;
+            let cur = cur.get()?;
+            let old_privs = capnet_driver_api::Privileges::read(cur.get_privileges()?);
+            let old_sha = cur.get_sha256()?.to_str()?.to_string();
+            let old_version = if cur.get_is_running() {
+                cur.get_running()?.get_version()?.to_str()?.to_string()
+            } else {
+                "(not running)".to_string()
+            };
+            let mut req = admin.inspect_driver_request();
+            req.get().set_path(path.display().to_string());
+            let resp = req.send().promise.await.map_err(clean)?;
+            let v = plugin_json(resp.get()?.get_plugin()?)?;
+            let new_privs: capnet_driver_api::Privileges =
+                serde_json::from_value(v["manifest"]["privileges"].clone()).unwrap_or_default();
+            let added = new_privs.exceeding(&old_privs);
+            let dropped = old_privs.exceeding(&new_privs);
+            if !j {
+                println!("{}", plugin_text(&v));
+                println!("\nchanges for driver {name}:");
+                println!(
+                    "  version     {old_version} -> {}",
+                    v["version"].as_str().unwrap_or("")
+                );
+                println!(
+                    "  sha256      {old_sha} -> {}",
+                    v["sha256"].as_str().unwrap_or("")
+                );
+                println!(
+                    "  privileges  added [{}], removed [{}]",
+                    added.join(", "),
+                    dropped.join(", ")
+                );
+            }
+            if !yes && !confirm(&format!("Upgrade driver {name} to this plugin?"))? {
+                bail!("not upgraded");
+            }
+            let mut req = admin.upgrade_driver_request();
+            req.get().set_name(&name);
+            req.get().set_path(path.display().to_string());
+            req.get().set_sha256(v["sha256"].as_str().unwrap_or(""));
+            req.send().promise.await.map_err(clean)?;
+            print_value(
+                j,
+                &json!({"upgraded": name, "plugin": v, "privileges_added": added, "privileges_removed": dropped}),
+                || format!("upgraded {name}; it restarts with the new plugin and its grants stay"),
+            );
         }
         Command::Shutdown => {
             admin

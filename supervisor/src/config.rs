@@ -93,6 +93,11 @@ pub struct DaemonConfig {
     pub audit_retention_days: u64,
     /// At most this many audit records are kept (the oldest go first).
     pub audit_max_records: u64,
+    /// How often each running driver is asked for its health, in milliseconds.
+    pub health_interval_ms: u64,
+    /// How long a driver may take to answer a health check before it is killed and
+    /// restarted, in milliseconds.
+    pub health_timeout_ms: u64,
 }
 
 impl Default for DaemonConfig {
@@ -108,6 +113,8 @@ impl Default for DaemonConfig {
             crash_window_secs: 60,
             audit_retention_days: 90,
             audit_max_records: 1_000_000,
+            health_interval_ms: 5_000,
+            health_timeout_ms: 2_000,
         }
     }
 }
@@ -127,12 +134,17 @@ impl DaemonConfig {
 }
 
 /// `[drivers.NAME]`: one approved driver instance.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriverConfig {
     /// The plugin file (`.so`).
     pub plugin: PathBuf,
-    /// Privileges the administrator approved. A plugin asking for more is refused.
+    /// The approval: the SHA-256 (hex) of the exact plugin file approved. Without it the
+    /// driver is refused as unapproved (`capnet driver approve` writes it).
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Privileges the administrator approved (written with the approval). A plugin asking
+    /// for more is refused; only these are ever given.
     #[serde(default)]
     pub privileges: Option<Privileges>,
     /// Local addresses listeners bind to.
@@ -214,6 +226,29 @@ pub struct GrainConfig {
     pub env: BTreeMap<String, String>,
 }
 
+/// The configuration in force, replaceable by a reload. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedConfig(std::rc::Rc<std::cell::RefCell<std::rc::Rc<Config>>>);
+
+impl SharedConfig {
+    /// Wraps the initial configuration.
+    pub fn new(config: Config) -> Self {
+        Self(std::rc::Rc::new(std::cell::RefCell::new(std::rc::Rc::new(
+            config,
+        ))))
+    }
+
+    /// The configuration now in force.
+    pub fn get(&self) -> std::rc::Rc<Config> {
+        self.0.borrow().clone()
+    }
+
+    /// Replaces it (after a successful reload).
+    pub fn set(&self, config: Config) {
+        *self.0.borrow_mut() = std::rc::Rc::new(config);
+    }
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -278,6 +313,13 @@ impl Config {
             if !valid_name(name) {
                 return Err(self.invalid(format!(
                     "driver name {name:?} must be 1-32 lower-case letters, digits or '-'"
+                )));
+            }
+            if let Some(h) = &d.sha256
+                && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(self.invalid(format!(
+                    "drivers.{name}.sha256 must be 64 hexadecimal digits (as `capnet driver inspect` prints)"
                 )));
             }
             for a in &d.listen_addresses {

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use crate::admin::{AdminImpl, AdminSocketError};
 use crate::audit::{Audit, AuditRecord};
-use crate::config::Config;
+use crate::config::{Config, SharedConfig};
 use crate::drivers::DriverManager;
 use crate::grains::GrainManager;
 use crate::grants::GrantTable;
@@ -56,7 +56,8 @@ pub enum DaemonError {
 
 /// Runs the daemon until `shutdown` resolves or an administrator asks it to stop.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-    let config = Rc::new(config);
+    let shared = SharedConfig::new(config);
+    let config = shared.get();
     let state_dir = config.daemon.state_dir.clone();
     create_private_dir(&state_dir).map_err(|source| DaemonError::StateDir {
         path: state_dir.clone(),
@@ -96,7 +97,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = grants_cell.set(grants.clone());
     let powerbox = Powerbox::new(config.daemon.request_timeout(), audit.clone());
     let grains = GrainManager::new(
-        config.clone(),
+        shared.clone(),
         powerbox.clone(),
         grants.clone(),
         audit.clone(),
@@ -117,6 +118,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         drivers: drivers.clone(),
         grants: grants.clone(),
         powerbox,
+        config: shared.clone(),
         audit: audit.clone(),
         stop_grace,
         shutdown: stop.clone(),
@@ -130,10 +132,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!(socket = %socket_path.display(), "capnetd ready");
 
     let accept = tokio::task::spawn_local(crate::admin::serve(listener, admin));
+    let hangups = {
+        let (shared, drivers, grants, audit) = (
+            shared.clone(),
+            drivers.clone(),
+            grants.clone(),
+            audit.clone(),
+        );
+        tokio::task::spawn_local(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                tracing::warn!("cannot watch SIGHUP; use `capnet reload`");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match reload(&shared, &drivers, &grants, &audit).await {
+                    Ok(summary) => tracing::info!(%summary, "SIGHUP: config reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: config refused"),
+                }
+            }
+        })
+    };
     tokio::select! {
         _ = shutdown => {}
         _ = stop.notified() => {}
     }
+    hangups.abort();
     tracing::info!("shutting down");
     accept.abort();
     housekeeping.abort();
@@ -146,6 +170,65 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(error = %e, "could not store grant usage at shutdown");
     }
     Ok(())
+}
+
+/// Re-reads the config and applies it. A broken config changes nothing and returns the
+/// error (with the file, line and column); otherwise returns a summary of what changed.
+pub async fn reload(
+    config: &SharedConfig,
+    drivers: &DriverManager,
+    grants: &GrantTable,
+    audit: &Audit,
+) -> Result<String, String> {
+    let current = config.get();
+    let fresh = match Config::load(&current.path) {
+        Ok(c) => c,
+        Err(e) => {
+            audit.record(AuditRecord::new("reload_refused").detail(e.to_string()));
+            return Err(format!("the config was not reloaded, nothing changed: {e}"));
+        }
+    };
+    let mut fresh = fresh;
+    // Settings that need a restart keep their running values.
+    let mut notes = Vec::new();
+    if fresh.daemon.state_dir != current.daemon.state_dir {
+        notes.push("daemon.state_dir changed: takes effect after a restart".to_string());
+        fresh.daemon.state_dir = current.daemon.state_dir.clone();
+    }
+    if fresh.daemon.admin_socket() != current.daemon.admin_socket() {
+        notes.push("daemon.admin_socket changed: takes effect after a restart".to_string());
+        fresh.daemon.admin_socket = current.daemon.admin_socket.clone();
+    }
+    let r = drivers.apply(&fresh).await;
+    for name in &r.removed {
+        if let Err(e) = grants
+            .revoke_driver(name, &format!("driver {name} was removed from the config"))
+            .await
+        {
+            notes.push(format!("revoking the grants of {name} failed: {e}"));
+        }
+    }
+    config.set(fresh);
+    let mut summary = vec![format!(
+        "reloaded {}: {} driver(s) added, {} removed, {} restarted, the rest unchanged",
+        current.path.display(),
+        r.added.len(),
+        r.removed.len(),
+        r.restarted.len()
+    )];
+    for (what, list) in [
+        ("added", &r.added),
+        ("removed", &r.removed),
+        ("restarted", &r.restarted),
+    ] {
+        if !list.is_empty() {
+            summary.push(format!("{what}: {}", list.join(", ")));
+        }
+    }
+    summary.extend(notes);
+    let text = summary.join("\n");
+    audit.record(AuditRecord::new("reload").detail(text.clone()));
+    Ok(text)
 }
 
 /// Stores grant usage every few seconds and prunes the audit trail every ten minutes.

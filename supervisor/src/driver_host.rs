@@ -100,6 +100,36 @@ pub fn serve_main(display: PathBuf) -> i32 {
     }
 }
 
+/// Runs the inspection mode for capnetd: loads the sealed memfd on fd 4 (the bytes capnetd
+/// read from `display`) and writes the identity as one JSON line to fd 5.
+pub fn inspect_fd_main(display: PathBuf) -> i32 {
+    let fds = [PLUGIN_FD, STATUS_FD].map(crate::sys::process::inherited_fd);
+    let [Some(_plugin_fd), Some(status_fd)] = fds else {
+        eprintln!(
+            "capnet-driver-host: descriptors 4 and 5 must be open; this mode is used by capnetd"
+        );
+        return exit::USAGE;
+    };
+    let mut status = std::fs::File::from(status_fd);
+    let load_path = PathBuf::from(format!("/proc/self/fd/{PLUGIN_FD}"));
+    let line = match load(&load_path, &display) {
+        Ok((_, id)) => HostStatus {
+            ok: true,
+            identity: Some(id),
+            error: None,
+        },
+        Err(e) => HostStatus {
+            ok: false,
+            identity: None,
+            error: Some(e),
+        },
+    };
+    let ok = line.ok;
+    let text = serde_json::to_string(&line).unwrap_or_else(|_| "{\"ok\":false}".into());
+    let _ = writeln!(status, "{text}");
+    if ok { exit::OK } else { exit::REFUSED }
+}
+
 /// Runs the inspection mode: prints the identity of `path` as JSON.
 pub fn inspect_main(path: &Path) -> i32 {
     let line = match load(path, path) {

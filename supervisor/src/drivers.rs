@@ -32,6 +32,8 @@ use crate::config::{Config, DriverConfig};
 use crate::driver_host::{self, HostStatus};
 use crate::sys::plugin::PluginIdentity;
 use crate::sys::process::{ChildFds, configure};
+use sha2::{Digest, Sha256};
+use std::path::Path;
 
 /// How long a driver host may take to load its plugin and answer `start`.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -140,32 +142,47 @@ struct Inner {
     log_dir: PathBuf,
     max_crashes: u32,
     crash_window: Duration,
+    health_interval: Duration,
+    health_timeout: Duration,
     audit: Audit,
     events: EventHandler,
+}
+
+fn new_slot(config: &Config, name: &str, d: &DriverConfig) -> Rc<Slot> {
+    Rc::new(Slot {
+        name: name.to_string(),
+        config: d.clone(),
+        plugin: config.plugin_path(d),
+        state: RefCell::new(SlotState::Starting),
+        generation: Cell::new(0),
+        changed: watch::channel(0).0,
+        restarts: Cell::new(0),
+        crashes: RefCell::new(VecDeque::new()),
+        last_error: RefCell::new(String::new()),
+        stop: Notify::new(),
+        stopping: Cell::new(false),
+    })
+}
+
+/// What [`DriverManager::apply`] changed.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    /// Drivers started because they are new.
+    pub added: Vec<String>,
+    /// Drivers stopped because they left the config (their grants must be revoked).
+    pub removed: Vec<String>,
+    /// Drivers restarted because their settings changed.
+    pub restarted: Vec<String>,
 }
 
 impl DriverManager {
     /// A manager for the drivers of `config`. Nothing starts until [`start_all`].
     pub fn new(config: &Config, audit: Audit, events: EventHandler) -> Self {
-        let mut slots = BTreeMap::new();
-        for (name, d) in &config.drivers {
-            slots.insert(
-                name.clone(),
-                Rc::new(Slot {
-                    name: name.clone(),
-                    config: d.clone(),
-                    plugin: config.plugin_path(d),
-                    state: RefCell::new(SlotState::Starting),
-                    generation: Cell::new(0),
-                    changed: watch::channel(0).0,
-                    restarts: Cell::new(0),
-                    crashes: RefCell::new(VecDeque::new()),
-                    last_error: RefCell::new(String::new()),
-                    stop: Notify::new(),
-                    stopping: Cell::new(false),
-                }),
-            );
-        }
+        let slots = config
+            .drivers
+            .iter()
+            .map(|(name, d)| (name.clone(), new_slot(config, name, d)))
+            .collect();
         Self {
             inner: Rc::new(Inner {
                 slots: RefCell::new(slots),
@@ -173,10 +190,134 @@ impl DriverManager {
                 log_dir: config.daemon.state_dir.join("drivers"),
                 max_crashes: config.daemon.max_driver_crashes,
                 crash_window: Duration::from_secs(config.daemon.crash_window_secs),
+                health_interval: Duration::from_millis(config.daemon.health_interval_ms.max(50)),
+                health_timeout: Duration::from_millis(config.daemon.health_timeout_ms.max(10)),
                 audit,
                 events,
             }),
         }
+    }
+
+    /// Brings the running drivers in line with `config`: starts new ones, stops removed
+    /// ones, restarts those whose settings changed, and leaves the others alone.
+    pub async fn apply(&self, config: &Config) -> Reconciled {
+        let mut r = Reconciled::default();
+        let current: Vec<(String, Rc<Slot>)> = self
+            .inner
+            .slots
+            .borrow()
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        for (name, slot) in &current {
+            match config.drivers.get(name) {
+                None => {
+                    stop_slot(slot).await;
+                    self.inner.slots.borrow_mut().remove(name);
+                    r.removed.push(name.clone());
+                }
+                Some(d) if *d != slot.config || config.plugin_path(d) != slot.plugin => {
+                    stop_slot(slot).await;
+                    let fresh = new_slot(config, name, d);
+                    self.inner
+                        .slots
+                        .borrow_mut()
+                        .insert(name.clone(), fresh.clone());
+                    tokio::task::spawn_local(supervise(self.inner.clone(), fresh));
+                    r.restarted.push(name.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        for (name, d) in &config.drivers {
+            if !self.inner.slots.borrow().contains_key(name) {
+                let fresh = new_slot(config, name, d);
+                self.inner
+                    .slots
+                    .borrow_mut()
+                    .insert(name.clone(), fresh.clone());
+                tokio::task::spawn_local(supervise(self.inner.clone(), fresh));
+                r.added.push(name.clone());
+            }
+        }
+        r
+    }
+
+    /// Reads `path` once and inspects it in a driver host without starting it: what the
+    /// plugin says it is, its size and SHA-256. Loads nothing into capnetd.
+    pub async fn inspect(&self, path: &Path) -> Result<Inspection, String> {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let size = bytes.len() as u64;
+        let memfd = sealed_bytes(&bytes).map_err(|e| match e {
+            StartError::Permanent(m) | StartError::Transient(m) => m,
+        })?;
+        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("pipe failed: {e}"))?;
+        let mut child = spawn_host(
+            &self.inner,
+            &["--inspect-fd".as_ref(), path.as_os_str()],
+            vec![
+                (memfd, driver_host::PLUGIN_FD),
+                (out_w, driver_host::STATUS_FD),
+            ],
+            Stdio::null(),
+            Stdio::null(),
+        )
+        .map_err(|e| {
+            format!(
+                "cannot start the driver host {}: {e}",
+                self.inner.host_exe.display()
+            )
+        })?;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut text = String::new();
+            let _ = std::fs::File::from(out_r).read_to_string(&mut text);
+            text
+        });
+        let text = match tokio::time::timeout(START_TIMEOUT, read).await {
+            Ok(Ok(t)) => t,
+            _ => {
+                let _ = child.start_kill();
+                return Err(format!("inspecting {} timed out", path.display()));
+            }
+        };
+        let status = child.wait().await;
+        if text.trim().is_empty() {
+            return Err(format!(
+                "{}: the inspection helper died while loading the plugin ({}); it is not a \
+                 working capnet driver plugin",
+                path.display(),
+                describe_exit(status)
+            ));
+        }
+        let st: HostStatus = serde_json::from_str(text.trim())
+            .map_err(|e| format!("the inspection helper sent a malformed answer: {e}"))?;
+        match (st.ok, st.identity, st.error) {
+            (true, Some(identity), _) => Ok(Inspection {
+                path: path.to_path_buf(),
+                size,
+                sha256,
+                identity,
+            }),
+            (_, _, e) => Err(e.unwrap_or_else(|| format!("{} was refused", path.display()))),
+        }
+    }
+
+    /// The approval and manifest of a running driver: (sha256, approved privileges,
+    /// the identity its plugin reported).
+    pub fn approval(
+        &self,
+        name: &str,
+    ) -> Option<(Option<String>, Option<Privileges>, Option<PluginIdentity>)> {
+        let slots = self.inner.slots.borrow();
+        let s = slots.get(name)?;
+        let identity = match &*s.state.borrow() {
+            SlotState::Running(r) => Some(r.identity.clone()),
+            _ => None,
+        };
+        Some((s.config.sha256.clone(), s.config.privileges, identity))
     }
 
     /// Starts every configured driver (each under its own supervising task).
@@ -191,24 +332,7 @@ impl DriverManager {
     /// Stops every driver host.
     pub async fn stop_all(&self) {
         let slots: Vec<_> = self.inner.slots.borrow().values().cloned().collect();
-        for slot in &slots {
-            slot.stopping.set(true);
-            slot.stop.notify_waiters();
-        }
-        for slot in &slots {
-            let mut rx = slot.changed.subscribe();
-            while !matches!(
-                *slot.state.borrow(),
-                SlotState::Stopped | SlotState::Failed(_)
-            ) {
-                if tokio::time::timeout(Duration::from_secs(5), rx.changed())
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        }
+        futures::future::join_all(slots.iter().map(|s| stop_slot(s))).await;
     }
 
     /// Whether a driver of that name is configured.
@@ -300,6 +424,55 @@ impl DriverManager {
     }
 }
 
+/// Stops a driver's host and waits (up to 5 s) until it is down.
+async fn stop_slot(slot: &Slot) {
+    slot.stopping.set(true);
+    slot.stop.notify_waiters();
+    let mut rx = slot.changed.subscribe();
+    while !matches!(
+        *slot.state.borrow(),
+        SlotState::Stopped | SlotState::Failed(_)
+    ) {
+        if tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// What `capnet driver inspect` shows.
+#[derive(Clone, Debug)]
+pub struct Inspection {
+    /// The file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its SHA-256, hex.
+    pub sha256: String,
+    /// What it says it is.
+    pub identity: PluginIdentity,
+}
+
+/// Waits until a health call fails to answer within `timeout` (polling every `interval`)
+/// and returns why.
+async fn health_watch(client: &driver::Client, interval: Duration, timeout: Duration) -> String {
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, client.health_request().send().promise).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("the health check failed: {e}"),
+            Err(_) => {
+                return format!(
+                    "the driver did not answer its health check within {} ms; killed",
+                    timeout.as_millis()
+                );
+            }
+        }
+    }
+}
+
 /// A failure to bring a host up.
 enum StartError {
     /// Will not get better by retrying (refused plugin, bad options).
@@ -349,6 +522,7 @@ async fn supervise(inner: Rc<Inner>, slot: Rc<Slot>) {
                 let why = tokio::select! {
                     status = host.child.wait() => describe_exit(status),
                     r = &mut host.rpc_done => r.unwrap_or_else(|_| "connection lost".into()),
+                    why = health_watch(&host.running.client, inner.health_interval, inner.health_timeout) => why,
                     _ = slot.stop.notified() => String::new(),
                 };
                 let _ = host.child.start_kill();
@@ -436,22 +610,15 @@ fn signal_name(sig: i32) -> String {
         .unwrap_or_else(|_| format!("signal {sig}"))
 }
 
-/// Reads the plugin bytes once and seals them in a memfd.
-fn sealed_plugin(slot: &Slot) -> Result<OwnedFd, StartError> {
-    let bytes = std::fs::read(&slot.plugin).map_err(|e| {
-        StartError::Permanent(format!(
-            "cannot read plugin {}: {e}; check drivers.{}.plugin in the config",
-            slot.plugin.display(),
-            slot.name
-        ))
-    })?;
+/// Seals `bytes` in a memfd that nobody can change afterwards.
+fn sealed_bytes(bytes: &[u8]) -> Result<OwnedFd, StartError> {
     let fd = memfd_create(
         c"capnet-plugin",
         MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
     )
     .map_err(|e| StartError::Transient(format!("memfd_create failed: {e}")))?;
     let mut file = std::fs::File::from(fd);
-    file.write_all(&bytes)
+    file.write_all(bytes)
         .map_err(|e| StartError::Transient(format!("writing the plugin memfd failed: {e}")))?;
     fcntl(
         &file,
@@ -464,6 +631,68 @@ fn sealed_plugin(slot: &Slot) -> Result<OwnedFd, StartError> {
     )
     .map_err(|e| StartError::Transient(format!("sealing the plugin memfd failed: {e}")))?;
     Ok(OwnedFd::from(file))
+}
+
+/// Reads the plugin bytes once, checks them against the approval, and seals exactly those
+/// bytes in a memfd for the host to load.
+fn sealed_plugin(slot: &Slot) -> Result<OwnedFd, StartError> {
+    let bytes = std::fs::read(&slot.plugin).map_err(|e| {
+        StartError::Permanent(format!(
+            "cannot read plugin {}: {e}; check drivers.{}.plugin in the config",
+            slot.plugin.display(),
+            slot.name
+        ))
+    })?;
+    let found = hex::encode(Sha256::digest(&bytes));
+    match &slot.config.sha256 {
+        None => {
+            return Err(StartError::Permanent(format!(
+                "{}: driver {} is not approved (no sha256 in [drivers.{}]); inspect it and approve \
+                 it with `capnet driver approve {} --name {}`",
+                slot.plugin.display(),
+                slot.name,
+                slot.name,
+                slot.plugin.display(),
+                slot.name
+            )));
+        }
+        Some(expected) if !expected.eq_ignore_ascii_case(&found) => {
+            return Err(StartError::Permanent(format!(
+                "{}: SHA-256 is {found}, but the approved plugin has {expected}; the file changed \
+                 since it was approved. Inspect the new file and, if it is trusted, run \
+                 `capnet driver upgrade {} {}`",
+                slot.plugin.display(),
+                slot.name,
+                slot.plugin.display()
+            )));
+        }
+        Some(_) => {}
+    }
+    sealed_bytes(&bytes)
+}
+
+/// Starts `capnet-driver-host ARGS` with `fds` at their numbers, stdout/stderr as given.
+fn spawn_host(
+    inner: &Inner,
+    args: &[&std::ffi::OsStr],
+    fds: Vec<(OwnedFd, i32)>,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> std::io::Result<tokio::process::Child> {
+    let fds = ChildFds::new(fds)?;
+    let mut cmd = tokio::process::Command::new(&inner.host_exe);
+    cmd.args(args)
+        .env_clear()
+        .env(
+            "CAPNET_LOG",
+            std::env::var("CAPNET_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .kill_on_drop(true);
+    configure(&mut cmd, fds, true);
+    cmd.spawn()
 }
 
 async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartError> {
@@ -485,32 +714,24 @@ async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartErr
         .try_clone()
         .map_err(|e| StartError::Transient(format!("dup of the log failed: {e}")))?;
 
-    let fds = ChildFds::new(vec![
-        (OwnedFd::from(theirs), driver_host::RPC_FD),
-        (plugin_fd, driver_host::PLUGIN_FD),
-        (status_w, driver_host::STATUS_FD),
-    ])
-    .map_err(|e| StartError::Transient(format!("preparing descriptors failed: {e}")))?;
-    let mut cmd = tokio::process::Command::new(&inner.host_exe);
-    cmd.arg("--plugin")
-        .arg(&slot.plugin)
-        .env_clear()
-        .env(
-            "CAPNET_LOG",
-            std::env::var("CAPNET_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log2))
-        .kill_on_drop(true);
-    configure(&mut cmd, fds, true);
-    let mut child = cmd.spawn().map_err(|e| {
+    let plugin_arg = slot.plugin.clone();
+    let mut child = spawn_host(
+        inner,
+        &["--plugin".as_ref(), plugin_arg.as_os_str()],
+        vec![
+            (OwnedFd::from(theirs), driver_host::RPC_FD),
+            (plugin_fd, driver_host::PLUGIN_FD),
+            (status_w, driver_host::STATUS_FD),
+        ],
+        Stdio::from(log),
+        Stdio::from(log2),
+    )
+    .map_err(|e| {
         StartError::Permanent(format!(
             "cannot start the driver host {}: {e}; set daemon.driver_host in the config",
             inner.host_exe.display()
         ))
     })?;
-    drop(cmd);
     let pid = child.id().map_or(0, |p| p as i32);
 
     // The status line, read on a blocking thread (the host closes the pipe after it).
@@ -550,17 +771,23 @@ async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartErr
         }
     };
     let asked = identity.manifest.privileges;
-    let approved = slot.config.privileges.unwrap_or(asked);
+    let approved = slot.config.privileges.unwrap_or_default();
     let exceeding = asked.exceeding(&approved);
     if !exceeding.is_empty() {
         let _ = child.start_kill();
         let _ = child.wait().await;
         return Err(StartError::Permanent(format!(
-            "{}: the plugin asks for privileges that were not approved: {}; approve them in \
-             drivers.{}.privileges or use another plugin",
+            "{}: the plugin's manifest asks for privileges that were not approved: {} (approved: \
+             {}); inspect it and, if you accept them, re-approve it with `capnet driver upgrade \
+             {} {}`",
             slot.plugin.display(),
             exceeding.join(", "),
-            slot.name
+            match approved.names() {
+                n if n.is_empty() => "none".to_string(),
+                n => n.join(", "),
+            },
+            slot.name,
+            slot.plugin.display()
         )));
     }
     let granted = Privileges {

@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 use tokio::sync::watch;
 
 use crate::audit::{Audit, AuditRecord, now_ms};
-use crate::config::{Config, GrantRuleConfig, valid_name};
+use crate::config::{Config, GrantRuleConfig, SharedConfig, valid_name};
 use crate::grants::{Grant, GrantKind, GrantTable, NewGrant, new_id};
 use crate::membrane::root_capability;
 use crate::persist;
@@ -149,7 +149,7 @@ pub struct GrainManager {
 
 struct Inner {
     grains: RefCell<BTreeMap<String, Rc<Grain>>>,
-    config: Rc<Config>,
+    config: SharedConfig,
     powerbox: Powerbox,
     grants: GrantTable,
     audit: Audit,
@@ -169,7 +169,7 @@ pub struct StartSpec {
 
 impl GrainManager {
     /// A manager for the grains of `config`.
-    pub fn new(config: Rc<Config>, powerbox: Powerbox, grants: GrantTable, audit: Audit) -> Self {
+    pub fn new(config: SharedConfig, powerbox: Powerbox, grants: GrantTable, audit: Audit) -> Self {
         Self {
             inner: Rc::new(Inner {
                 grains: RefCell::new(BTreeMap::new()),
@@ -194,7 +194,14 @@ impl GrainManager {
             .delete_grain(id)
             .await
             .map_err(|e| GrainError::State(e.to_string()))?;
-        let dir = self.inner.config.daemon.state_dir.join("grains").join(id);
+        let dir = self
+            .inner
+            .config
+            .get()
+            .daemon
+            .state_dir
+            .join("grains")
+            .join(id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|source| GrainError::Prepare {
                 id: id.to_string(),
@@ -210,8 +217,8 @@ impl GrainManager {
         let inner = &self.inner;
         let (id, command, mut env) = match &spec.name {
             Some(name) => {
-                let g = inner
-                    .config
+                let config = inner.config.get();
+                let g = config
                     .grains
                     .get(name)
                     .ok_or_else(|| GrainError::Unknown(name.clone()))?;
@@ -236,7 +243,7 @@ impl GrainManager {
         {
             return Err(GrainError::AlreadyRunning(id));
         }
-        let dir = inner.config.daemon.state_dir.join("grains").join(&id);
+        let dir = inner.config.get().daemon.state_dir.join("grains").join(&id);
         std::fs::create_dir_all(&dir).map_err(|source| GrainError::Prepare {
             id: id.clone(),
             path: dir.clone(),
@@ -428,7 +435,7 @@ pub struct GrainApiImpl {
     grain: String,
     powerbox: Powerbox,
     grants: GrantTable,
-    config: Rc<Config>,
+    config: SharedConfig,
     audit: Audit,
 }
 
@@ -518,7 +525,8 @@ impl grain_api::Server for GrainApiImpl {
             .chars()
             .take(200)
             .collect::<String>();
-        let grant = match matching_rule(&self.config, &self.grain, &requested) {
+        let config = self.config.get();
+        let grant = match matching_rule(&config, &self.grain, &requested) {
             Some(rule) => self.by_rule(rule, &requested, &label).await?,
             None => {
                 self.powerbox

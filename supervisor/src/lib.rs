@@ -20,6 +20,7 @@ pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod config_edit;
 pub mod daemon;
 pub mod driver_host;
 pub mod drivers;

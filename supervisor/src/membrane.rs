@@ -114,8 +114,14 @@ macro_rules! persistent {
         impl persistent::Server<capnp::data::Owned, api_token_owner::Owned> for $ty {
             async fn save(
                 self: Rc<Self>,
-                _: persistent::SaveParams<api_token_owner::Owned, capnp::data::Owned>,
-                mut results: persistent::SaveResults<capnp::data::Owned, api_token_owner::Owned>,
+                // The generated SaveParams/SaveResults aliases order their generic parameters
+                // nondeterministically (capnpc 0.27), so the full types are spelled out.
+                _: capnp::capability::Params<
+                    persistent::save_params::Owned<capnp::data::Owned, api_token_owner::Owned>,
+                >,
+                mut results: capnp::capability::Results<
+                    persistent::save_results::Owned<capnp::data::Owned, api_token_owner::Owned>,
+                >,
             ) -> Result<(), Error> {
                 let $this = &self;
                 let object = $object;

@@ -77,9 +77,13 @@ impl Daemon {
         Self::start_with(dir, config_path, socket, &[])
     }
 
-    /// Starts capnetd with an existing config file, overriding state dir and socket.
+    /// Starts capnetd with a copy of an existing config file (approvals are written into the
+    /// copy, never into the original), overriding state dir and socket.
     pub fn start_file(config: &Path) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("capnet-demo-").tempdir()?;
+        let copy = dir.path().join("capnet.toml");
+        std::fs::copy(config, &copy).with_context(|| format!("copying {}", config.display()))?;
+        let config = copy.as_path();
         let state = dir.path().join("state");
         let socket = dir.path().join("admin.sock");
         let args = [
@@ -354,12 +358,52 @@ impl Drop for Daemon {
     }
 }
 
-/// The TOML table of a driver from this workspace's build, with loopback allowed.
+/// What a plugin says it is, as `capnet-driver-host --inspect` prints it.
+pub fn inspect_plugin(path: &Path) -> Result<Value> {
+    let out = Command::new(artifact("capnet-driver-host"))
+        .arg("--inspect")
+        .arg(path)
+        .output()
+        .context("running capnet-driver-host --inspect")?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("inspect printed {:?}", String::from_utf8_lossy(&out.stdout)))?;
+    Ok(v)
+}
+
+/// Hex SHA-256 of a file.
+pub fn file_sha256(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    grain::sha256_hex(&bytes)
+}
+
+/// The approval keys (`sha256`, `privileges`) for a plugin, approving exactly what its
+/// manifest asks for.
+pub fn approval(path: &Path) -> String {
+    let v = inspect_plugin(path).unwrap_or_else(|e| panic!("inspecting {}: {e:#}", path.display()));
+    let privileges = v["identity"]["manifest"]["privileges"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(_, v)| v.as_bool() == Some(true))
+                .map(|(k, _)| format!("{k} = true"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    format!(
+        "sha256 = {:?}\nprivileges = {{ {privileges} }}",
+        file_sha256(path)
+    )
+}
+
+/// The TOML table of an approved driver from this workspace's build, with loopback allowed.
 pub fn driver_config(name: &str, plugin_file: &str, options: &str) -> String {
+    let path = artifact(plugin_file);
     format!(
         r#"
 [drivers.{name}]
 plugin = {plugin:?}
+{approval}
 listen_addresses = ["127.0.0.1"]
 
 [[drivers.{name}.rules]]
@@ -371,7 +415,8 @@ label = "tests: loopback only"
 [drivers.{name}.options]
 {options}
 "#,
-        plugin = artifact(plugin_file).display().to_string()
+        plugin = path.display().to_string(),
+        approval = approval(&path),
     )
 }
 

@@ -226,14 +226,20 @@ fn bad_plugins_are_refused_with_clear_messages() {
     .iter()
     .find(|p| std::path::Path::new(p).exists())
     .expect("libc.so.6 (any shared object without capnet symbols)");
+    // Each is approved by hash, so the refusal comes from loading it, not from approval.
+    let approved = |p: &std::path::Path| {
+        format!(
+            "plugin = {:?}\nsha256 = {:?}\n",
+            p.display().to_string(),
+            capnet_tests::file_sha256(p)
+        )
+    };
     let config = format!(
-        "{}\n[drivers.badabi]\nplugin = {:?}\n\n[drivers.text]\nplugin = {:?}\n\n[drivers.nosym]\nplugin = {:?}\n",
+        "{}\n[drivers.badabi]\n{}\n[drivers.text]\n{}\n[drivers.nosym]\n{}",
         driver_config("tcp", "libcapnet_driver_tcp.so", ""),
-        artifact("libcapnet_test_plugin_bad_abi.so")
-            .display()
-            .to_string(),
-        text.display().to_string(),
-        libc
+        approved(&artifact("libcapnet_test_plugin_bad_abi.so")),
+        approved(&text),
+        approved(std::path::Path::new(libc)),
     );
     let d = Daemon::start(&config).expect("daemon");
     let failed = |name: &str| {

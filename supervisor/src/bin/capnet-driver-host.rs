@@ -8,6 +8,9 @@ fn main() {
         [flag, path] if flag == "--inspect" => {
             capnet_supervisor::driver_host::inspect_main(&PathBuf::from(path))
         }
+        [flag, path] if flag == "--inspect-fd" => {
+            capnet_supervisor::driver_host::inspect_fd_main(PathBuf::from(path))
+        }
         [flag, path] if flag == "--plugin" => {
             capnet_supervisor::driver_host::serve_main(PathBuf::from(path))
         }

@@ -81,6 +81,43 @@ fn main() {
     let echo = EchoServer::start();
 
     steps.run(
+        "capnetd refuses the TCP driver until the administrator approves it",
+        || {
+            let drv = d.wait_driver("tcp", Duration::from_secs(20), |v| v["state"] == "failed")?;
+            Ok(format!(
+                "before approval: {}",
+                drv["last_error"].as_str().unwrap_or("")
+            ))
+        },
+    );
+
+    steps.run(
+        "the administrator inspects and approves the TCP driver",
+        || {
+            let plugin = capnet_tests::artifact("libcapnet_driver_tcp.so");
+            let plugin = plugin.to_string_lossy();
+            let v = d.capnet_json(&[
+                "driver",
+                "approve",
+                plugin.as_ref(),
+                "--name",
+                "tcp",
+                "--yes",
+            ])?;
+            Ok(format!(
+                "approved tcp v{} pinned to sha256 {}…, privileges {}",
+                v["plugin"]["version"].as_str().unwrap_or("?"),
+                v["plugin"]["sha256"]
+                    .as_str()
+                    .unwrap_or("")
+                    .get(..16)
+                    .unwrap_or(""),
+                v["plugin"]["manifest"]["privileges"]
+            ))
+        },
+    );
+
+    steps.run(
         "capnetd starts the approved TCP driver in its own host process",
         || {
             let drv = d.wait_driver("tcp", Duration::from_secs(20), |v| v["state"] == "running")?;

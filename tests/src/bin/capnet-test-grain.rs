@@ -135,6 +135,13 @@ enum Cmd {
         #[arg(long)]
         listen_port: u16,
     },
+    /// Request IpNetwork and connect to a port `count` times, reporting each outcome.
+    Hammer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        count: u32,
+    },
     /// Request IpNetwork; connect to `crash_port` (the driver crashes), then retry the echo
     /// server until the restarted driver serves it.
     CrashRecover {
@@ -687,6 +694,28 @@ async fn run(args: Args) -> Result<i32> {
                 "{}",
                 json!({"ok": true, "connect_error": again, "host_error": host_err})
             );
+            Ok(0)
+        }
+        Cmd::Hammer { port, count } => {
+            let g = request(
+                &api,
+                Requested::IpNetwork {
+                    encryption: Encryption::None,
+                },
+                "test: hammer",
+            )
+            .await?;
+            let net: ip_network::Client = g.cast();
+            let p = port_of(&net, "127.0.0.1", port).await;
+            for i in 0..count {
+                let r = bytestream::connect(&p).await;
+                println!(
+                    "{}",
+                    json!({"attempt": i, "error": r.err().map(|e| clean(e).to_string())})
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            println!("{}", json!({"ok": true}));
             Ok(0)
         }
         Cmd::CrashRecover {

@@ -1,6 +1,6 @@
 //! A driver plugin for crash-isolation tests: plain TCP, except that a connection to
 //! `crash_port` crashes the driver in the configured way (`mode = "panic" | "abort" |
-//! "segfault"`), or every connection does if `crash_port = 0`.
+//! "segfault" | "hang"`), or every connection does if `crash_port = 0`.
 
 use std::rc::Rc;
 
@@ -51,12 +51,12 @@ impl Driver for Crashy {
 
     fn start(options: Options, _host: &DriverHost) -> Result<Self, DriverError> {
         match options.mode.as_str() {
-            "panic" | "abort" | "segfault" => Ok(Self {
+            "panic" | "abort" | "segfault" | "hang" => Ok(Self {
                 mode: options.mode,
                 crash_port: options.crash_port,
             }),
             other => Err(DriverError::Options(format!(
-                "mode {other:?} must be panic, abort or segfault"
+                "mode {other:?} must be panic, abort, segfault or hang"
             ))),
         }
     }
@@ -66,6 +66,9 @@ impl Driver for Crashy {
             match self.mode.as_str() {
                 "panic" => panic!("crashy: deliberate panic on connect to {}", cx.target()),
                 "abort" => std::process::abort(),
+                // Blocks the driver's only thread: it stops answering everything, including
+                // the supervisor's health checks.
+                "hang" => std::thread::sleep(std::time::Duration::from_secs(3600)),
                 _ => {
                     // SAFETY: not sound at all: a deliberate write through a null pointer, so
                     // the process dies of a real SIGSEGV, which is the point of this plugin.
