@@ -74,7 +74,7 @@ interface Admin {
   # Replaces an approved driver's plugin with the file whose SHA-256 is `sha256`; its
   # grants stay and restore against the new version.
 
-  driverApproval @20 (name :Text) -> (sha256 :Text, privileges :Manifest.Privileges, plugin :Text, running :PluginInfo, isRunning :Bool);
+  driverApproval @20 (name :Text) -> (sha256 :Text, privileges :Manifest.Privileges, plugin :Text, running :PluginInfo, isRunning :Bool, signerKey :Text);
   # What is approved for a driver, and what its running plugin reported.
 
   reload @21 () -> (summary :Text);
@@ -92,6 +92,11 @@ struct PluginInfo {
   abiMajor @5 :UInt16;
   abiMinor @6 :UInt16;
   manifest @7 :Manifest.Manifest;
+  signature @8 :Text;
+  # "unsigned", "signed by NAME (trusted key …)", "signed by an untrusted key …" or
+  # "INVALID SIGNATURE: …".
+  signerKey @9 :Text;
+  # The ed25519 key that validly signed it (hex), if any.
 }
 
 struct GrantInfo {

@@ -138,6 +138,8 @@ fn write_plugin(mut b: plugin_info::Builder<'_>, i: &Inspection) {
     b.set_version(&i.identity.version);
     b.set_abi_major(i.identity.abi_major);
     b.set_abi_minor(i.identity.abi_minor);
+    b.set_signature(i.signature.describe());
+    b.set_signer_key(i.signature.key().unwrap_or(""));
     i.identity.manifest.write(b.init_manifest());
 }
 
@@ -148,7 +150,20 @@ impl AdminImpl {
         path: &std::path::Path,
         sha: &str,
     ) -> Result<Inspection, Error> {
-        let i = self.drivers.inspect(path).await.map_err(Error::failed)?;
+        let trusted = self.config.get().trust.authors.clone();
+        let i = self
+            .drivers
+            .inspect(path, &trusted)
+            .await
+            .map_err(Error::failed)?;
+        if let crate::signing::SignatureStatus::Invalid(why) = &i.signature {
+            return Err(Error::failed(format!(
+                "{}: its signature file {} does not verify ({why}); remove the signature or get \
+                 a correctly signed plugin",
+                path.display(),
+                crate::signing::sig_path(path).display()
+            )));
+        }
         if sha.is_empty() {
             return Err(Error::failed(
                 "give the SHA-256 shown by `capnet driver inspect` (the CLI does)".to_string(),
@@ -605,7 +620,12 @@ impl admin::Server for AdminImpl {
         mut results: admin::InspectDriverResults,
     ) -> Result<(), Error> {
         let path = absolute(params.get()?.get_path()?.to_str()?)?;
-        let i = self.drivers.inspect(&path).await.map_err(Error::failed)?;
+        let trusted = self.config.get().trust.authors.clone();
+        let i = self
+            .drivers
+            .inspect(&path, &trusted)
+            .await
+            .map_err(Error::failed)?;
         write_plugin(results.get().init_plugin(), &i);
         Ok(())
     }
@@ -639,6 +659,7 @@ impl admin::Server for AdminImpl {
             &path,
             &sha,
             &i.identity.manifest.privileges,
+            i.signature.key(),
         )
         .map_err(err)?;
         self.audit.record(
@@ -722,6 +743,7 @@ impl admin::Server for AdminImpl {
             &path,
             &sha,
             &i.identity.manifest.privileges,
+            i.signature.key(),
         )
         .map_err(err)?;
         self.audit.record(
@@ -753,6 +775,7 @@ impl admin::Server for AdminImpl {
         };
         let mut r = results.get();
         r.set_sha256(d.sha256.as_deref().unwrap_or(""));
+        r.set_signer_key(d.signer_key.as_deref().unwrap_or(""));
         r.set_plugin(config.plugin_path(d).display().to_string());
         d.privileges
             .unwrap_or_default()

@@ -45,6 +45,9 @@ enum Command {
     Audit(AuditArgs),
     /// Re-read the config (as SIGHUP does); a broken config changes nothing.
     Reload,
+    /// Sign plugins (for driver authors; works without a daemon).
+    #[command(subcommand)]
+    Sign(SignCmd),
     /// Stop the daemon (and every grain and driver).
     Shutdown,
 }
@@ -219,6 +222,71 @@ fn parse_since(text: &str) -> Result<u64> {
 }
 
 #[derive(Subcommand, Debug)]
+enum SignCmd {
+    /// Make a new ed25519 signing key; prints the public key to give to administrators.
+    Keygen {
+        /// Where to write the secret key (created mode 0600; refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a plugin with a secret key, writing PLUGIN.sig beside it.
+    Plugin {
+        /// The plugin file (.so).
+        path: PathBuf,
+        /// The secret key file.
+        #[arg(long)]
+        key: PathBuf,
+    },
+}
+
+/// The signing commands, which need no daemon.
+fn run_sign(cmd: SignCmd, j: bool) -> Result<()> {
+    match cmd {
+        SignCmd::Keygen { out } => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let (secret, public) = crate::signing::keygen()?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| {
+                    format!("cannot create {} (it must not exist yet)", out.display())
+                })?;
+            writeln!(f, "{secret}")?;
+            print_value(
+                j,
+                &json!({"key_file": out.display().to_string(), "public_key": public}),
+                || {
+                    format!(
+                        "secret key written to {}; give administrators the public key:\n{public}\n\
+                     (they add it under [trust.authors] in their config)",
+                        out.display()
+                    )
+                },
+            );
+        }
+        SignCmd::Plugin { path, key } => {
+            let public = crate::signing::sign(&path, &key)?;
+            let sig = crate::signing::sig_path(&path);
+            print_value(
+                j,
+                &json!({"signature": sig.display().to_string(), "public_key": public}),
+                || {
+                    format!(
+                        "signed {} → {} (key {public})",
+                        path.display(),
+                        sig.display()
+                    )
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
 enum DriverCmd {
     /// List drivers and their state.
     List,
@@ -270,6 +338,8 @@ fn plugin_json(
         "name": p.get_name()?.to_str()?,
         "version": p.get_version()?.to_str()?,
         "abi": format!("{}.{}", p.get_abi_major(), p.get_abi_minor()),
+        "signature": p.get_signature()?.to_str()?,
+        "signer_key": p.get_signer_key()?.to_str()?,
         "manifest": m,
     }))
 }
@@ -304,7 +374,7 @@ fn plugin_text(v: &serde_json::Value) -> String {
         })
         .unwrap_or_default();
     format!(
-        "plugin      {}\nname        {}\nversion     {}\ndescription {}\nauthor      {}\nABI         {}\nsize        {} bytes\nsha256      {}\nprovides    {}\nprivileges  {}",
+        "plugin      {}\nname        {}\nversion     {}\ndescription {}\nauthor      {}\nABI         {}\nsize        {} bytes\nsha256      {}\nsignature   {}\nprovides    {}\nprivileges  {}",
         v["path"].as_str().unwrap_or(""),
         v["name"].as_str().unwrap_or(""),
         v["version"].as_str().unwrap_or(""),
@@ -313,6 +383,7 @@ fn plugin_text(v: &serde_json::Value) -> String {
         v["abi"].as_str().unwrap_or(""),
         v["size"],
         v["sha256"].as_str().unwrap_or(""),
+        v["signature"].as_str().unwrap_or(""),
         if provides.is_empty() {
             "nothing".to_string()
         } else {
@@ -511,9 +582,14 @@ async fn connect(socket: &PathBuf) -> Result<admin::Client> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let admin = connect(&cli.socket).await?;
     let j = cli.json;
+    if let Command::Sign(cmd) = cli.command {
+        return run_sign(cmd, j);
+    }
+    let admin = connect(&cli.socket).await?;
     match cli.command {
+        // Handled above without a daemon.
+        Command::Sign(_) => {}
         Command::Grain(GrainCmd::Start {
             name,
             id,
@@ -938,6 +1014,7 @@ async fn run(cli: Cli) -> Result<()> {
             let cur = cur.get()?;
             let old_privs = capnet_driver_api::Privileges::read(cur.get_privileges()?);
             let old_sha = cur.get_sha256()?.to_str()?.to_string();
+            let old_signer = cur.get_signer_key()?.to_str()?.to_string();
             let old_version = if cur.get_is_running() {
                 cur.get_running()?.get_version()?.to_str()?.to_string()
             } else {
@@ -967,6 +1044,27 @@ async fn run(cli: Cli) -> Result<()> {
                     added.join(", "),
                     dropped.join(", ")
                 );
+                let new_signer = v["signer_key"].as_str().unwrap_or("");
+                println!(
+                    "  signature   {}",
+                    match (old_signer.as_str(), new_signer) {
+                        ("", "") => "neither version is signed".to_string(),
+                        ("", _) => format!(
+                            "{} (the approved version was unsigned)",
+                            v["signature"].as_str().unwrap_or("")
+                        ),
+                        (_, "") =>
+                            "the new version is UNSIGNED; the approved one was signed".to_string(),
+                        (a, b) if a.eq_ignore_ascii_case(b) => format!(
+                            "{} — the same key as the approved version",
+                            v["signature"].as_str().unwrap_or("")
+                        ),
+                        _ => format!(
+                            "{} — a DIFFERENT key from the approved version's",
+                            v["signature"].as_str().unwrap_or("")
+                        ),
+                    }
+                );
             }
             if !yes && !confirm(&format!("Upgrade driver {name} to this plugin?"))? {
                 bail!("not upgraded");
@@ -978,7 +1076,8 @@ async fn run(cli: Cli) -> Result<()> {
             req.send().promise.await.map_err(clean)?;
             print_value(
                 j,
-                &json!({"upgraded": name, "plugin": v, "privileges_added": added, "privileges_removed": dropped}),
+                &json!({"upgraded": name, "plugin": v, "privileges_added": added, "privileges_removed": dropped,
+                        "same_signer": !old_signer.is_empty() && v["signer_key"].as_str().is_some_and(|k| k.eq_ignore_ascii_case(&old_signer))}),
                 || format!("upgraded {name}; it restarts with the new plugin and its grants stay"),
             );
         }

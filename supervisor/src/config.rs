@@ -63,6 +63,9 @@ pub struct Config {
     /// Powerbox rules: requests answered in advance.
     #[serde(default)]
     pub powerbox: PowerboxConfig,
+    /// Trusted plugin authors.
+    #[serde(default)]
+    pub trust: TrustConfig,
     /// The file this was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -143,6 +146,10 @@ pub struct DriverConfig {
     /// driver is refused as unapproved (`capnet driver approve` writes it).
     #[serde(default)]
     pub sha256: Option<String>,
+    /// The ed25519 key (hex) that had signed the approved plugin, if it was signed;
+    /// `capnet driver upgrade` tells whether a new version is signed by the same key.
+    #[serde(default)]
+    pub signer_key: Option<String>,
     /// Privileges the administrator approved (written with the approval). A plugin asking
     /// for more is refused; only these are ever given.
     #[serde(default)]
@@ -160,6 +167,16 @@ pub struct DriverConfig {
 
 fn default_listen() -> Vec<String> {
     vec!["0.0.0.0".into()]
+}
+
+/// `[trust]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Plugin authors whose ed25519 keys (hex) you trust, by name. `capnet driver inspect`
+    /// and `upgrade` name the author of a plugin signed by one of these keys.
+    #[serde(default)]
+    pub authors: BTreeMap<String, String>,
 }
 
 /// `[powerbox]`.
@@ -332,6 +349,14 @@ impl Config {
             for (i, r) in d.rules.iter().enumerate() {
                 capnet_driver_api::policy::Rule::from_config(r)
                     .map_err(|e| self.invalid(format!("drivers.{name}.rules[{i}]: {e}")))?;
+            }
+        }
+        for (author, key) in &self.trust.authors {
+            if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(self.invalid(format!(
+                    "trust.authors.{author}: the key must be 64 hexadecimal digits (an ed25519 \
+                     public key as `capnet sign keygen` prints it)"
+                )));
             }
         }
         for (i, r) in self.powerbox.rules.iter().enumerate() {

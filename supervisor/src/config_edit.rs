@@ -106,6 +106,7 @@ pub fn approve(
     plugin: &Path,
     sha256: &str,
     privileges: &Privileges,
+    signer_key: Option<&str>,
 ) -> Result<Config, EditConfigError> {
     let mut doc = read(path)?;
     let drivers = doc.entry("drivers").or_insert_with(|| {
@@ -129,6 +130,12 @@ pub fn approve(
     set_keeping_decor(table, "plugin", value(plugin.display().to_string()));
     set_keeping_decor(table, "sha256", value(sha256));
     set_keeping_decor(table, "privileges", privileges_item(privileges));
+    match signer_key {
+        Some(k) => set_keeping_decor(table, "signer_key", value(k)),
+        None => {
+            table.remove("signer_key");
+        }
+    }
     write(path, &doc)
 }
 
@@ -167,8 +174,13 @@ mod tests {
             Path::new("/lib/capnet/tcp.so"),
             &"ab".repeat(32),
             &priv_,
+            Some(&"ef".repeat(32)),
         )
         .expect("approve");
+        assert_eq!(
+            c.drivers["tcp"].signer_key.as_deref(),
+            Some("ef".repeat(32).as_str())
+        );
         let d = &c.drivers["tcp"];
         assert_eq!(d.sha256.as_deref(), Some("ab".repeat(32).as_str()));
         assert_eq!(d.privileges, Some(priv_));
@@ -183,6 +195,7 @@ mod tests {
             Path::new("/lib/capnet/udp.so"),
             &"cd".repeat(32),
             &priv_,
+            None,
         )
         .expect("approve new");
         assert!(c.drivers.contains_key("udp"));
@@ -206,6 +219,7 @@ mod tests {
             Path::new("y.so"),
             &"ab".repeat(32),
             &Privileges::default(),
+            None,
         )
         .expect_err("invalid name");
         assert!(err.to_string().contains("Bad Name"), "{err}");

@@ -245,9 +245,14 @@ impl DriverManager {
 
     /// Reads `path` once and inspects it in a driver host without starting it: what the
     /// plugin says it is, its size and SHA-256. Loads nothing into capnetd.
-    pub async fn inspect(&self, path: &Path) -> Result<Inspection, String> {
+    pub async fn inspect(
+        &self,
+        path: &Path,
+        trusted: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Inspection, String> {
         let bytes =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let signature = crate::signing::verify(path, &bytes, trusted);
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let size = bytes.len() as u64;
         let memfd = sealed_bytes(&bytes).map_err(|e| match e {
@@ -300,6 +305,7 @@ impl DriverManager {
                 size,
                 sha256,
                 identity,
+                signature,
             }),
             (_, _, e) => Err(e.unwrap_or_else(|| format!("{} was refused", path.display()))),
         }
@@ -453,6 +459,8 @@ pub struct Inspection {
     pub sha256: String,
     /// What it says it is.
     pub identity: PluginIdentity,
+    /// Its signature, checked against the bytes read and the trusted authors.
+    pub signature: crate::signing::SignatureStatus,
 }
 
 /// Waits until a health call fails to answer within `timeout` (polling every `interval`)

@@ -30,5 +30,6 @@ pub mod membrane;
 pub mod persist;
 pub mod powerbox;
 pub mod sandbox;
+pub mod signing;
 pub mod state;
 pub mod sys;

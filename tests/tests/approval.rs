@@ -392,3 +392,100 @@ fn upgrade_keeps_grants_and_revoke_ends_them() {
         "{v}"
     );
 }
+
+/// Driver authors can sign a plugin; administrators who trust the author's key see it named
+/// on inspect, the approval records the key, an upgrade signed by the same key says so, and
+/// a signature that does not match the bytes is refused.
+#[test]
+fn signed_plugins_name_their_author() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = dir.path().join("author.key");
+    let d0 = Daemon::start("").expect("daemon");
+    let kg = d0
+        .capnet_json(&["sign", "keygen", "--out", &key.display().to_string()])
+        .expect("keygen");
+    let public = kg["public_key"].as_str().expect("public key").to_string();
+    drop(d0);
+    let v1 = dir.path().join("tcp-v1.so");
+    let v2 = dir.path().join("tcp-v2.so");
+    for p in [&v1, &v2] {
+        std::fs::copy(artifact("libcapnet_driver_tcp.so"), p).expect("copy");
+    }
+    let d = Daemon::start(&format!("[trust.authors]\nacme = {public:?}\n")).expect("daemon");
+    for p in [&v1, &v2] {
+        d.capnet_json(&[
+            "sign",
+            "plugin",
+            &p.display().to_string(),
+            "--key",
+            &key.display().to_string(),
+        ])
+        .expect("sign");
+    }
+    let v = d
+        .capnet_json(&["driver", "inspect", &v1.display().to_string()])
+        .expect("inspect");
+    assert!(
+        v["signature"]
+            .as_str()
+            .unwrap_or("")
+            .contains("signed by acme"),
+        "{v}"
+    );
+    assert_eq!(v["signer_key"], public.as_str());
+    d.capnet_json(&[
+        "driver",
+        "approve",
+        &v1.display().to_string(),
+        "--name",
+        "tcp",
+        "--yes",
+    ])
+    .expect("approve");
+    let config = std::fs::read_to_string(d.config_path()).expect("config");
+    assert!(
+        config.contains(&format!("signer_key = {public:?}")),
+        "{config}"
+    );
+    let up = d
+        .capnet_json(&[
+            "driver",
+            "upgrade",
+            "tcp",
+            &v2.display().to_string(),
+            "--yes",
+        ])
+        .expect("upgrade");
+    assert_eq!(up["same_signer"], true, "{up}");
+
+    // A signature that does not match the bytes: inspect says so, approve refuses.
+    let v3 = dir.path().join("tcp-v3.so");
+    std::fs::copy(artifact("libcapnet_driver_tcp.so"), &v3).expect("copy");
+    std::fs::copy(capnet_supervisor_sig(&v1), capnet_supervisor_sig(&v3)).expect("copy signature");
+    let mut bytes = std::fs::read(&v3).expect("read");
+    bytes.push(0);
+    std::fs::write(&v3, bytes).expect("append");
+    let v = d
+        .capnet_json(&["driver", "inspect", &v3.display().to_string()])
+        .expect("inspect");
+    assert!(
+        v["signature"].as_str().unwrap_or("").starts_with("INVALID"),
+        "{v}"
+    );
+    let out = d.capnet(&[
+        "driver",
+        "approve",
+        &v3.display().to_string(),
+        "--name",
+        "other",
+        "--yes",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not verify"));
+}
+
+fn capnet_supervisor_sig(plugin: &std::path::Path) -> std::path::PathBuf {
+    let mut s = plugin.as_os_str().to_owned();
+    s.push(".sig");
+    s.into()
+}
