@@ -8,6 +8,7 @@
 //! its failure is the answer. A name is passed to `getRemoteHostByName`, an address to
 //! `getRemoteHost`, so name resolution happens in the driver under its policy.
 
+use std::rc::Rc;
 use std::time::Duration;
 
 use capnet_schemas::ip_capnp::{ip_network, ip_remote_host, tcp_port, udp_port};
@@ -67,6 +68,30 @@ pub struct Grant {
     pub cap: Cap,
     /// How the grant is named in logs (the supervisor's grant id when known).
     pub name: String,
+    /// Held by the first connection attempt through this grant; see [`Grant::first_use`].
+    first: Rc<tokio::sync::Mutex<bool>>,
+}
+
+impl Grant {
+    /// A grant of `kind` served by `cap`, named `name` in logs.
+    pub fn new(kind: GrantKind, cap: Cap, name: String) -> Self {
+        Self {
+            kind,
+            cap,
+            name,
+            first: Rc::new(tokio::sync::Mutex::new(false)),
+        }
+    }
+
+    /// Until one connection attempt through this grant has finished, further attempts wait
+    /// for it. The supervisor opens a grant's driver session lazily on first use, and
+    /// concurrent first uses race there (each opens a session, and the ones replaced
+    /// revoke what was derived from them), so a burst of first connections is let through
+    /// one at a time until the session exists.
+    async fn first_use(&self) -> Option<tokio::sync::MutexGuard<'_, bool>> {
+        let guard = self.first.lock().await;
+        if *guard { None } else { Some(guard) }
+    }
 }
 
 fn remote_host(net: &ip_network::Client, host: &Host) -> ip_remote_host::Client {
@@ -138,13 +163,19 @@ impl Router {
             let Some(port) = Self::tcp_port(grant, t) else {
                 continue;
             };
+            let mut gate = grant.first_use().await;
             let mut req = port.connect_request();
             req.get().set_downstream(downstream.clone());
             let attempt = async {
                 let resp = req.send().promise.await?;
                 resp.get()?.get_upstream()
             };
-            let refusal = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            let outcome = tokio::time::timeout(CONNECT_TIMEOUT, attempt).await;
+            if let Some(done) = gate.as_mut() {
+                **done = true;
+            }
+            drop(gate);
+            let refusal = match outcome {
                 Ok(Ok(upstream)) => return Ok((upstream, grant.name.clone())),
                 Ok(Err(e)) => Refusal::from_capnp(&e),
                 Err(_) => Refusal::TimedOut(format!(

@@ -438,11 +438,11 @@ pub async fn establish(
         match restore(api, &token).await {
             Ok(cap) => {
                 tracing::info!(target: "capnet_bridge", grant = %kind, "restored from the {origin} token");
-                return Some(Grant {
-                    cap: Cap::cast(kind, &cap),
-                    kind: kind.clone(),
-                    name: format!("{kind} (restored)"),
-                });
+                return Some(Grant::new(
+                    kind.clone(),
+                    Cap::cast(kind, &cap),
+                    format!("{kind} (restored)"),
+                ));
             }
             Err(e) => {
                 tracing::warn!(target: "capnet_bridge", grant = %kind, "restoring the {origin} token failed: {}", clean_message(&e));
@@ -474,11 +474,11 @@ pub async fn establish(
             tracing::warn!(target: "capnet_bridge", grant = %kind, "could not be saved ({}); using the live capability for this run only, the next run asks again", clean_message(&e));
         }
     }
-    Some(Grant {
-        cap: Cap::cast(kind, &granted.cap),
-        kind: kind.clone(),
-        name: granted.grant_id,
-    })
+    Some(Grant::new(
+        kind.clone(),
+        Cap::cast(kind, &granted.cap),
+        granted.grant_id,
+    ))
 }
 
 /// Sets up every grant in order (requests are made one at a time, so the administrator
