@@ -32,6 +32,10 @@ pub mod socks;
 pub mod splice;
 mod sys;
 pub mod target;
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;
 pub mod udp;
 
 use std::cell::Cell;
