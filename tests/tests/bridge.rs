@@ -573,3 +573,25 @@ fn bridge_saves_and_restores_its_grants() {
         assert_eq!(pending, serde_json::json!([]), "the restart asked again");
     }
 }
+
+/// A grain defined in the config with `bridge = [bridge arguments]` runs its command
+/// under capnet-bridge: `capnet grain start NAME` makes the bridge ask for its grant, and
+/// the unmodified curl in it fetches the page through the proxy variables.
+#[test]
+fn grain_config_bridge_key_wraps_the_command() {
+    let web = Nginx::start().expect("nginx");
+    let url = format!("http://web.capnet.test:{}/index.html", web.port);
+    let config = format!(
+        "{}\n[grains.web]\ncommand = [\"/usr/bin/curl\", \"-sS\", \"--fail\", {url:?}]\n\
+         bridge = [\"--socks\", \"off\", \"--http\", \"127.0.0.1:0\", \"--state\", \"off\", \
+         \"--grant\", \"network\"]\n",
+        driver_config("tcp", "libcapnet_driver_tcp.so", STATIC_HOSTS)
+    );
+    let d = Daemon::start(&config).expect("daemon");
+    let started = d.capnet_json(&["grain", "start", "web"]).expect("start");
+    let command = started["command"].to_string();
+    assert!(command.contains("capnet-bridge"), "{started}");
+    grant_requests(&d, "tcp", 1);
+    let log = finish(&d, "web", Duration::from_secs(30));
+    assert!(log.contains(PAGE), "{log}");
+}
