@@ -564,4 +564,15 @@ request = false
         std::fs::write(&p, "saved = 7").unwrap();
         assert!(StateFile::load(Some(p)).saved().is_empty());
     }
+
+    /// The example config in `config/capnet-bridge.toml` parses, with its grants.
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/capnet-bridge.toml");
+        let cfg = FileConfig::load(&path, true).unwrap();
+        let grants = file_grants(&path, &cfg).unwrap();
+        assert_eq!(grants.len(), 2);
+        assert_eq!(grants[1].kind.to_string(), "tcp:smtp.example.com:587");
+        assert_eq!(cfg.socks.as_deref(), Some("127.0.0.1:1080"));
+    }
 }
