@@ -3,7 +3,7 @@
 CARGO ?= cargo
 # Debian packages the build, the tests, the demo and the benchmarks use.
 DEB_PACKAGES := capnproto libcapnp-dev libseccomp-dev pkg-config \
-	nginx python3-aiosmtpd microsocks bubblewrap iperf3 socat curl ca-certificates \
+	nginx python3 python3-aiosmtpd microsocks bubblewrap iperf3 socat curl ca-certificates \
 	iproute2 openssl
 
 .PHONY: all deps build demo test lint bench clean

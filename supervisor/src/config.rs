@@ -241,6 +241,38 @@ pub struct GrainConfig {
     /// Extra environment.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Run the command under capnet-bridge, so that unmodified programs reach the network
+    /// through the grain's grants: `true` for the bridge's defaults, or a list of its
+    /// arguments (such as `["--grant", "network"]`).
+    #[serde(default)]
+    pub bridge: Option<BridgeSetting>,
+}
+
+/// `[grains.ID] bridge`: `true`/`false`, or the bridge's arguments.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum BridgeSetting {
+    /// On with defaults, or off.
+    On(bool),
+    /// On with these arguments.
+    Args(Vec<String>),
+}
+
+impl GrainConfig {
+    /// The command to run: `command`, or `bridge_exe [args…] -- command…` when the grain
+    /// asks for the bridge.
+    pub fn command_line(&self, bridge_exe: &Path) -> Vec<String> {
+        let args = match &self.bridge {
+            None | Some(BridgeSetting::On(false)) => return self.command.clone(),
+            Some(BridgeSetting::On(true)) => Vec::new(),
+            Some(BridgeSetting::Args(a)) => a.clone(),
+        };
+        let mut c = vec![bridge_exe.display().to_string()];
+        c.extend(args);
+        c.push("--".into());
+        c.extend(self.command.iter().cloned());
+        c
+    }
 }
 
 /// The configuration in force, replaceable by a reload. Cheap to clone.
@@ -434,6 +466,11 @@ impl Config {
         }
     }
 
+    /// The capnet-bridge executable for `[grains.ID] bridge` (beside `capnetd`).
+    pub fn bridge_exe(&self) -> PathBuf {
+        exe_dir().join("capnet-bridge")
+    }
+
     /// The driver host executable.
     pub fn driver_host(&self) -> PathBuf {
         self.daemon
@@ -509,5 +546,28 @@ mod tests {
         let err = Config::parse(text, Path::new("c.toml")).expect_err("bad cidr");
         assert!(err.to_string().contains("drivers.tcp.rules[0]"), "{err}");
         assert!(err.to_string().contains("10.0.0.0/99"), "{err}");
+    }
+
+    /// `bridge = true` wraps the grain's command in capnet-bridge, a list passes the
+    /// bridge its arguments, and no key or `false` leaves the command alone.
+    #[test]
+    fn bridge_key_wraps_the_command() {
+        let c = Config::parse(
+            "[grains.a]\ncommand = [\"app\", \"-v\"]\nbridge = true\n\
+             [grains.b]\ncommand = [\"app\"]\nbridge = [\"--grant\", \"network\"]\n\
+             [grains.c]\ncommand = [\"app\"]\nbridge = false\n",
+            Path::new("/etc/capnet/capnet.toml"),
+        )
+        .expect("parse");
+        let exe = Path::new("/usr/bin/capnet-bridge");
+        assert_eq!(
+            c.grains["a"].command_line(exe),
+            ["/usr/bin/capnet-bridge", "--", "app", "-v"]
+        );
+        assert_eq!(
+            c.grains["b"].command_line(exe),
+            ["/usr/bin/capnet-bridge", "--grant", "network", "--", "app"]
+        );
+        assert_eq!(c.grains["c"].command_line(exe), ["app"]);
     }
 }

@@ -224,7 +224,7 @@ impl GrainManager {
                     .ok_or_else(|| GrainError::Unknown(name.clone()))?;
                 let env: Vec<(String, String)> =
                     g.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                (name.clone(), g.command.clone(), env)
+                (name.clone(), g.command_line(&config.bridge_exe()), env)
             }
             None => {
                 let id = spec.id.clone().unwrap_or_else(|| new_id("grain"));

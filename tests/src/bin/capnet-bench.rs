@@ -2,9 +2,10 @@
 //! the figures and ratios to docs/benchmarks.md.
 //!
 //! Compared, on loopback: (a) direct TCP, (b) a grain through a granted TcpPort (grain →
-//! capnetd membrane → TCP driver host → TCP), (c) microsocks as a SOCKS5 proxy. Each
-//! measures bulk throughput (a sink that answers with the byte count) and
-//! connect-to-first-byte latency (a server that writes one byte at once).
+//! capnetd membrane → TCP driver host → TCP), (c) an ordinary socket client in a grain
+//! through capnet-bridge's SOCKS5 proxy onto the same kind of grant, (d) microsocks as a
+//! SOCKS5 proxy. Each measures bulk throughput (a sink that answers with the byte count)
+//! and connect-to-first-byte latency (a server that writes one byte at once).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use capnet_tests::{Daemon, driver_config, free_port};
+use capnet_tests::{Daemon, artifact, driver_config, free_port};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -250,6 +251,73 @@ fn via_capnet(sink: SocketAddr, fb: SocketAddr, a: &Args) -> Result<Figures> {
     })
 }
 
+/// (c): the test grain's socket client under `capnet-bridge -- …`, through SOCKS5.
+fn via_bridge(sink: SocketAddr, fb: SocketAddr, a: &Args) -> Result<Figures> {
+    let d = Daemon::start(&driver_config("tcp", "libcapnet_driver_tcp.so", ""))?;
+    d.wait_driver("tcp", Duration::from_secs(20), |v| v["state"] == "running")?;
+    let bridge = artifact("capnet-bridge").display().to_string();
+    let grain = artifact("capnet-test-grain").display().to_string();
+    let run = |id: &str, app: &[&str]| -> Result<serde_json::Value> {
+        let mut args = vec![
+            "grain",
+            "start",
+            "--id",
+            id,
+            "--",
+            &bridge,
+            "--socks",
+            "127.0.0.1:0",
+            "--http",
+            "off",
+            "--state",
+            "off",
+            "--grant",
+            "network",
+            "--",
+            &grain,
+        ];
+        args.extend_from_slice(app);
+        d.capnet_json(&args)?;
+        d.grant_next("tcp", &[])?;
+        grain_json(&d, id)
+    };
+    let (sp, fp) = (sink.port().to_string(), fb.port().to_string());
+    let t = run(
+        "bench-bridge-tput",
+        &[
+            "bench-proxy-throughput",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &sp,
+            "--bytes",
+            &a.bytes.to_string(),
+        ],
+    )?;
+    let l = run(
+        "bench-bridge-lat",
+        &[
+            "bench-proxy-latency",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &fp,
+            "--count",
+            &a.count.to_string(),
+        ],
+    )?;
+    let mut micros: Vec<u64> = l["micros"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|x| x.as_u64()).collect())
+        .unwrap_or_default();
+    micros.sort_unstable();
+    Ok(Figures {
+        mib_s: a.bytes as f64 / t["secs"].as_f64().unwrap_or(f64::INFINITY) / 1048576.0,
+        p50_us: percentile(&micros, 0.5),
+        p99_us: percentile(&micros, 0.99),
+    })
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     let sink = sink_server()?;
@@ -258,6 +326,8 @@ fn main() -> Result<()> {
     let direct = direct(sink, fb, &a)?;
     eprintln!("bench: capnet grain → TcpPort …");
     let capnet = via_capnet(sink, fb, &a)?;
+    eprintln!("bench: capnet-bridge SOCKS5 → TcpPort …");
+    let bridge = via_bridge(sink, fb, &a)?;
     eprintln!("bench: microsocks SOCKS5 …");
     let socks = via_socks(sink, fb, &a)?;
     let row = |name: &str, f: &Figures| {
@@ -280,11 +350,17 @@ fn main() -> Result<()> {
          count. Latency: {} connections to a server that writes one byte at once, timed from \
          the start of the connect until that byte is read.\n\n\
          | path | MiB/s | × direct | p50 µs | p99 µs | p50 × direct |\n\
-         |---|---|---|---|---|---|\n{}\n{}\n{}\n\n\
+         |---|---|---|---|---|---|\n{}\n{}\n{}\n{}\n\n\
+         capnet-bridge against the native capability path: {:.2}× the throughput, {:.2}× \
+         the p50 latency.\n\n\
          * **direct**: a plain TCP socket.\n\
          * **capnet TcpPort**: a grain writes Cap'n Proto `ByteStream.write` calls (256 KiB) \
          on a granted TcpPort; capnetd's membrane forwards them to the TCP driver host, which \
          writes them to the socket. Latency includes `TcpPort.connect` through both hops.\n\
+         * **capnet-bridge**: an ordinary socket client in a grain started as \
+         `capnet-bridge -- client`, through the bridge's SOCKS5 proxy on the grain's loopback \
+         onto a granted IpNetwork (the same path as above plus the client ⇄ bridge socket \
+         hop). Latency includes the SOCKS handshake and `TcpPort.connect`.\n\
          * **microsocks**: the same transfer through a SOCKS5 proxy (Debian's microsocks), \
          including the SOCKS handshake for latency.\n",
         std::env::consts::ARCH,
@@ -292,7 +368,10 @@ fn main() -> Result<()> {
         a.count,
         row("direct", &direct),
         row("capnet TcpPort", &capnet),
+        row("capnet-bridge SOCKS5", &bridge),
         row("microsocks SOCKS5", &socks),
+        bridge.mib_s / capnet.mib_s,
+        bridge.p50_us / capnet.p50_us.max(1.0),
     );
     println!("{report}");
     let existing = std::fs::read_to_string(&a.out).unwrap_or_default();

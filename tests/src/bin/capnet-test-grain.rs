@@ -10,6 +10,7 @@ use capnet_schemas::grain;
 use capnet_schemas::grain_capnp::grain_api;
 use capnet_schemas::ip_capnp::{ip_interface, ip_network, tcp_port};
 use capnet_tests::grain::{pseudo_random, sha256_hex};
+use capnet_tests::proxy;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -150,6 +151,53 @@ enum Cmd {
         #[arg(long)]
         echo_port: u16,
     },
+    /// Through capnet-bridge (proxies from ALL_PROXY and http_proxy, no grain API): try
+    /// each HOST:PORT with SOCKS5 CONNECT, HTTP CONNECT and GET http://HOST:PORT/, and
+    /// print one JSON line per target with the reply code and statuses.
+    ProxyProbe {
+        /// Targets, `host:port` (IPv6 as `[::1]:port`).
+        targets: Vec<String>,
+    },
+    /// Through capnet-bridge: `count` SOCKS5 and `http_count` HTTP CONNECT connections at
+    /// once to an echo server, each sending `bytes` and checking the echo and the EOF.
+    ProxySwarm {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        #[arg(long, default_value_t = 50)]
+        http_count: usize,
+        #[arg(long, default_value_t = 65536)]
+        bytes: usize,
+    },
+    /// Through capnet-bridge's SOCKS5 proxy against the tests' hold server: reset a
+    /// connection, half-close one, let the server close one, and drop one mid-download.
+    ProxyClose {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// Benchmark through capnet-bridge's SOCKS5 proxy: like bench-throughput.
+    BenchProxyThroughput {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Benchmark through capnet-bridge's SOCKS5 proxy: like bench-latency.
+    BenchProxyLatency {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        count: u32,
+    },
 }
 
 fn hex(b: &[u8]) -> String {
@@ -280,6 +328,9 @@ async fn request(api: &grain_api::Client, what: Requested, label: &str) -> Resul
 }
 
 async fn run(args: Args) -> Result<i32> {
+    if let Some(code) = proxy_commands(&args.cmd).await? {
+        return Ok(code);
+    }
     let api = grain::connect()?;
     match args.cmd {
         Cmd::Echo {
@@ -718,6 +769,11 @@ async fn run(args: Args) -> Result<i32> {
             println!("{}", json!({"ok": true}));
             Ok(0)
         }
+        Cmd::ProxyProbe { .. }
+        | Cmd::ProxySwarm { .. }
+        | Cmd::ProxyClose { .. }
+        | Cmd::BenchProxyThroughput { .. }
+        | Cmd::BenchProxyLatency { .. } => Ok(0),
         Cmd::CrashRecover {
             crash_port,
             echo_port,
@@ -763,5 +819,196 @@ async fn run(args: Args) -> Result<i32> {
             );
             Ok(0)
         }
+    }
+}
+
+fn socks_proxy() -> Result<std::net::SocketAddr> {
+    proxy::proxy_from_env(&["ALL_PROXY", "all_proxy"])
+}
+
+fn http_proxy() -> Result<std::net::SocketAddr> {
+    proxy::proxy_from_env(&["http_proxy", "HTTP_PROXY"])
+}
+
+/// Sends `n` bytes on `s`, half-closes, and checks the echo and the EOF.
+async fn echo_over(s: tokio::net::TcpStream, n: usize, seed: u64) -> Result<()> {
+    let (mut r, mut w) = s.into_split();
+    let data = pseudo_random(n, seed);
+    let expected = sha256_hex(&data);
+    let writer = tokio::task::spawn_local(async move {
+        w.write_all(&data).await?;
+        w.shutdown().await
+    });
+    let mut got = Vec::with_capacity(n);
+    r.read_to_end(&mut got).await.context("reading the echo")?;
+    writer.await.context("writer task")?.context("writing")?;
+    if got.len() != n || sha256_hex(&got) != expected {
+        bail!("echo mismatch: sent {n} bytes, got {}", got.len());
+    }
+    Ok(())
+}
+
+/// The subcommands that run under capnet-bridge without the grain API.
+async fn proxy_commands(cmd: &Cmd) -> Result<Option<i32>> {
+    match cmd {
+        Cmd::ProxyProbe { targets } => {
+            for t in targets {
+                let (host, port) = t
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                    .ok_or_else(|| anyhow!("{t} is not host:port"))?;
+                let (_, socks) = proxy::socks_connect(socks_proxy()?, &host, port).await?;
+                let (_, connect, connect_body) =
+                    proxy::http_connect(http_proxy()?, &host, port).await?;
+                let (get, get_body) =
+                    proxy::http_get(http_proxy()?, &format!("http://{host}:{port}/")).await?;
+                println!(
+                    "{}",
+                    json!({"target": t, "socks": socks, "connect": connect,
+                           "connect_body": connect_body, "get": get, "get_body": get_body})
+                );
+            }
+            Ok(Some(0))
+        }
+        Cmd::ProxySwarm {
+            host,
+            port,
+            count,
+            http_count,
+            bytes,
+        } => {
+            let (socks, http) = (socks_proxy()?, http_proxy()?);
+            let mut tasks = Vec::new();
+            for i in 0..(count + http_count) {
+                let (host, port, n) = (host.clone(), *port, *bytes);
+                let via_http = i >= *count;
+                tasks.push(tokio::task::spawn_local(async move {
+                    let s = if via_http {
+                        let (s, status, body) = proxy::http_connect(http, &host, port).await?;
+                        if status != 200 {
+                            bail!("HTTP CONNECT answered {status}: {body}");
+                        }
+                        s
+                    } else {
+                        let (s, code) = proxy::socks_connect(socks, &host, port).await?;
+                        if code != 0 {
+                            bail!("SOCKS5 CONNECT answered {code}");
+                        }
+                        s
+                    };
+                    echo_over(s, n, i as u64 + 1).await
+                }));
+            }
+            let mut failed = Vec::new();
+            for t in tasks {
+                if let Err(e) = t.await.context("task").and_then(|r| r) {
+                    failed.push(format!("{e:#}"));
+                }
+            }
+            let ok = failed.is_empty();
+            println!(
+                "{}",
+                json!({"ok": ok, "connections": count + http_count, "failed": failed.len(),
+                       "first_error": failed.first()})
+            );
+            Ok(Some(if ok { 0 } else { 1 }))
+        }
+        Cmd::ProxyClose { host, port } => {
+            let socks = socks_proxy()?;
+            let open = |mode: &'static str| {
+                let host = host.clone();
+                let port = *port;
+                async move {
+                    let (s, code) = proxy::socks_connect(socks, &host, port).await?;
+                    if code != 0 {
+                        bail!("SOCKS5 CONNECT answered {code}");
+                    }
+                    let mut s = BufReader::new(s);
+                    s.get_mut()
+                        .write_all(format!("{mode}\n").as_bytes())
+                        .await?;
+                    let mut line = String::new();
+                    s.read_line(&mut line).await?;
+                    if line != "ok\n" {
+                        bail!("the hold server answered {line:?} to {mode}");
+                    }
+                    Ok::<_, anyhow::Error>(s.into_inner())
+                }
+            };
+            // 1. Reset: the client vanishes with RST; the bridge must abort the remote side.
+            let s = open("abort").await?;
+            s.set_zero_linger()?;
+            drop(s);
+            println!("{}", json!({"event": "reset_sent"}));
+            // 2. Half-close: the server still answers after the client's FIN.
+            let mut s = open("half").await?;
+            s.shutdown().await?;
+            let mut rest = String::new();
+            s.read_to_string(&mut rest).await?;
+            drop(s);
+            println!("{}", json!({"event": "half_close", "after_fin": rest}));
+            // 3. The server closes first: the client sees EOF.
+            let mut s = open("serverclose").await?;
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await?;
+            drop(s);
+            println!("{}", json!({"event": "server_closed", "extra": rest.len()}));
+            // 4. Dropped mid-download: the server's writes must start failing.
+            let mut s = open("stream").await?;
+            let mut buf = vec![0u8; 1 << 20];
+            s.read_exact(&mut buf).await?;
+            drop(s);
+            println!("{}", json!({"event": "download_dropped"}));
+            // 5. Stay alive (and so keep the bridge running) until the server says so, so
+            // that the checks above happen while the bridge still runs.
+            let mut s = open("wait").await?;
+            let mut rest = String::new();
+            s.read_to_string(&mut rest).await?;
+            println!("{}", json!({"ok": true, "released": rest}));
+            Ok(Some(0))
+        }
+        Cmd::BenchProxyThroughput { host, port, bytes } => {
+            let (mut s, code) = proxy::socks_connect(socks_proxy()?, host, *port).await?;
+            if code != 0 {
+                bail!("SOCKS5 CONNECT answered {code}");
+            }
+            let chunk = vec![0x5au8; 256 * 1024];
+            let t0 = Instant::now();
+            s.write_all(&bytes.to_be_bytes()).await?;
+            let mut sent = 0u64;
+            while sent < *bytes {
+                let n = (bytes - sent).min(chunk.len() as u64) as usize;
+                s.write_all(&chunk[..n]).await?;
+                sent += n as u64;
+            }
+            let mut count = [0u8; 8];
+            s.read_exact(&mut count).await.context("the sink's count")?;
+            let secs = t0.elapsed().as_secs_f64();
+            if u64::from_be_bytes(count) != *bytes {
+                bail!(
+                    "the sink received {} bytes of {bytes}",
+                    u64::from_be_bytes(count)
+                );
+            }
+            println!("{}", json!({"ok": true, "bytes": bytes, "secs": secs}));
+            Ok(Some(0))
+        }
+        Cmd::BenchProxyLatency { host, port, count } => {
+            let socks = socks_proxy()?;
+            let mut micros = Vec::with_capacity(*count as usize);
+            for _ in 0..*count {
+                let t0 = Instant::now();
+                let (mut s, code) = proxy::socks_connect(socks, host, *port).await?;
+                if code != 0 {
+                    bail!("SOCKS5 CONNECT answered {code}");
+                }
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await.context("first byte")?;
+                micros.push(t0.elapsed().as_micros() as u64);
+            }
+            println!("{}", json!({"ok": true, "micros": micros}));
+            Ok(Some(0))
+        }
+        _ => Ok(None),
     }
 }
