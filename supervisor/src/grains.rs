@@ -316,6 +316,7 @@ impl GrainManager {
         });
 
         let audit = inner.audit.clone();
+        let grants = inner.grants.clone();
         let g = grain.clone();
         tokio::task::spawn_local(async move {
             let status = child.wait().await;
@@ -339,6 +340,7 @@ impl GrainManager {
             g.state.set(GrainState::Exited);
             g.pid.set(0);
             g.exited.send_replace(true);
+            grants.grain_exited(&g.id);
             audit.record(AuditRecord::new("grain_exited").grain(&g.id).detail(reason));
         });
         inner.audit.record(

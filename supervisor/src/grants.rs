@@ -219,6 +219,7 @@ pub struct Grant {
     pub open_connections: Cell<u32>,
     revoked: RefCell<Option<String>>,
     session: RefCell<Option<(u64, grant_session::Client)>>,
+    opening: tokio::sync::Mutex<()>,
     network: RefCell<Option<(u64, ip_network::Client)>>,
     live: RefCell<Vec<Weak<dyn Revocable>>>,
     drivers: DriverManager,
@@ -260,6 +261,14 @@ impl Grant {
             .client(&self.driver, DRIVER_WAIT)
             .await
             .map_err(|e| Error::disconnected(e.to_string()))?;
+        if let Some((g, s)) = &*self.session.borrow()
+            && *g == generation
+        {
+            return Ok(s.clone());
+        }
+        // One opening at a time: concurrent first uses (a burst of connections) share the
+        // session the first one opens instead of each opening (and replacing) their own.
+        let _opening = self.opening.lock().await;
         if let Some((g, s)) = &*self.session.borrow()
             && *g == generation
         {
@@ -336,6 +345,15 @@ impl Grant {
             .call(move |db| db.revoke_grant(&id, now_ms(), &reason, &audit))
             .await?;
         Ok(())
+    }
+
+    /// Closes the grant's live connections and listeners without revoking it: the grain
+    /// that held them is gone. Its saved tokens keep working.
+    pub fn release_live(&self) {
+        let live = std::mem::take(&mut *self.live.borrow_mut());
+        for r in live.iter().filter_map(Weak::upgrade) {
+            r.revoke();
+        }
     }
 
     /// Cuts off everything live at once (no database write).
@@ -462,6 +480,7 @@ impl GrantTable {
             open_connections: Cell::new(0),
             revoked: RefCell::new(None),
             session: RefCell::new(None),
+            opening: tokio::sync::Mutex::new(()),
             network: RefCell::new(None),
             live: RefCell::new(Vec::new()),
             drivers: self.drivers.clone(),
@@ -602,6 +621,14 @@ impl GrantTable {
         self.state
             .call(move |db| db.delete_grain(&grain, &audit))
             .await
+    }
+
+    /// The grain's process ended: close the connections and listeners its grants had open
+    /// (nothing can read or answer them any more). Grants and tokens stay.
+    pub fn grain_exited(&self, grain: &str) {
+        for g in self.list().into_iter().filter(|g| g.grain == grain) {
+            g.release_live();
+        }
     }
 
     /// Writes usage counters (last use, bytes) of live grants to the database.
