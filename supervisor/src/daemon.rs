@@ -19,6 +19,8 @@ use crate::drivers::DriverManager;
 use crate::grains::GrainManager;
 use crate::grants::GrantTable;
 use crate::powerbox::Powerbox;
+use crate::sandbox::SpawnerError;
+use crate::sandboxes::Sandboxes;
 
 /// Exit codes of `capnetd`.
 pub mod exit {
@@ -48,6 +50,12 @@ pub enum DaemonError {
     /// The admin socket could not be bound.
     #[error(transparent)]
     Socket(#[from] AdminSocketError),
+    /// The sandbox spawner (helper image, cgroups, spawner thread) could not be set up.
+    #[error("cannot set up sandboxes: {0}")]
+    Sandboxes(#[from] SpawnerError),
+    /// The driver host executable could not be loaded.
+    #[error(transparent)]
+    DriverHost(#[from] crate::drivers::DriverHostImageError),
 }
 
 /// Runs the daemon until `shutdown` resolves or an administrator asks it to stop.
@@ -59,6 +67,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         source,
     })?;
     let audit = Audit::default();
+    // One spawner for every sandbox of this daemon; dropped last, when `run` returns, which
+    // (through PR_SET_PDEATHSIG on its thread) takes down any sandbox still alive.
+    let sandboxes = Sandboxes::new(&config)?;
 
     // Driver events are audited with the grain of their grant, looked up at arrival.
     let grants_cell: Rc<std::cell::OnceCell<GrantTable>> = Rc::default();
@@ -86,11 +97,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             });
         })
     };
-    let drivers = DriverManager::new(&config, audit.clone(), events);
+    let drivers = DriverManager::new(&config, audit.clone(), events, sandboxes.clone())?;
     let grants = GrantTable::new(drivers.clone(), audit.clone());
     let _ = grants_cell.set(grants.clone());
     let powerbox = Powerbox::new(config.daemon.request_timeout(), audit.clone());
-    let grains = GrainManager::new(config.clone(), powerbox.clone(), audit.clone());
+    let grains = GrainManager::new(
+        config.clone(),
+        powerbox.clone(),
+        audit.clone(),
+        sandboxes.clone(),
+    );
 
     let socket_path = config.daemon.admin_socket();
     let listener = crate::admin::bind(&socket_path)?;
@@ -122,6 +138,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     accept.abort();
     grains.stop_all(stop_grace).await;
     drivers.stop_all().await;
+    sandboxes.remove_parent_if_empty();
     let _ = std::fs::remove_file(&socket_path);
     audit.record(AuditRecord::new("daemon_stopped"));
     Ok(())

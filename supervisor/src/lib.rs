@@ -12,7 +12,8 @@
 //! * [`admin`] serves the administrator's API; [`cli`] is its command-line client.
 //! * [`audit`] records security-relevant events.
 //! * [`sandbox`] builds the namespaced, cgroup-limited, seccomp-filtered processes that
-//!   grains and driver hosts run in.
+//!   grains and driver hosts run in; [`sandboxes`] is the daemon's use of it (one
+//!   spawner, host ids, blocking work off the RPC thread).
 //! * [`sys`] holds every raw system call and foreign-function call of this crate.
 
 pub mod admin;
@@ -27,4 +28,5 @@ pub mod grants;
 pub mod membrane;
 pub mod powerbox;
 pub mod sandbox;
+pub mod sandboxes;
 pub mod sys;

@@ -39,12 +39,24 @@ pub fn artifact(name: &str) -> PathBuf {
     p
 }
 
+/// A cgroup parent name no other daemon of this machine uses: tests run daemons in
+/// parallel, and two daemons must never share sandbox cgroup names.
+pub fn unique_cgroup_parent() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "capnet-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 /// A running `capnetd` on a private temporary state directory. Stopped when dropped.
 pub struct Daemon {
     dir: tempfile::TempDir,
     child: Option<Child>,
     socket: PathBuf,
     config: PathBuf,
+    cgroup_parent: String,
 }
 
 impl Daemon {
@@ -55,25 +67,19 @@ impl Daemon {
         let state = dir.path().join("state");
         let socket = dir.path().join("admin.sock");
         let config_path = dir.path().join("capnet.toml");
+        let cgroup_parent = unique_cgroup_parent();
+        let daemon_keys = format!(
+            "[daemon]\nstate_dir = {:?}\nadmin_socket = {:?}\ncgroup_parent = {cgroup_parent:?}",
+            state.display().to_string(),
+            socket.display().to_string()
+        );
         let text = if config.contains("[daemon]") {
-            config.replacen(
-                "[daemon]",
-                &format!(
-                    "[daemon]\nstate_dir = {:?}\nadmin_socket = {:?}",
-                    state.display().to_string(),
-                    socket.display().to_string()
-                ),
-                1,
-            )
+            config.replacen("[daemon]", &daemon_keys, 1)
         } else {
-            format!(
-                "[daemon]\nstate_dir = {:?}\nadmin_socket = {:?}\n\n{config}",
-                state.display().to_string(),
-                socket.display().to_string()
-            )
+            format!("{daemon_keys}\n\n{config}")
         };
         std::fs::write(&config_path, text)?;
-        Self::start_with(dir, config_path, socket, &[])
+        Self::start_with(dir, config_path, socket, cgroup_parent, &[])
     }
 
     /// Starts capnetd with an existing config file, overriding state dir and socket.
@@ -81,19 +87,23 @@ impl Daemon {
         let dir = tempfile::Builder::new().prefix("capnet-demo-").tempdir()?;
         let state = dir.path().join("state");
         let socket = dir.path().join("admin.sock");
+        let cgroup_parent = unique_cgroup_parent();
         let args = [
             "--state-dir".to_string(),
             state.display().to_string(),
             "--socket".to_string(),
             socket.display().to_string(),
+            "--cgroup-parent".to_string(),
+            cgroup_parent.clone(),
         ];
-        Self::start_with(dir, config.to_path_buf(), socket, &args)
+        Self::start_with(dir, config.to_path_buf(), socket, cgroup_parent, &args)
     }
 
     fn start_with(
         dir: tempfile::TempDir,
         config: PathBuf,
         socket: PathBuf,
+        cgroup_parent: String,
         extra: &[String],
     ) -> Result<Self> {
         let log = std::fs::File::create(dir.path().join("capnetd.log"))?;
@@ -115,6 +125,7 @@ impl Daemon {
             child: Some(child),
             socket,
             config,
+            cgroup_parent,
         };
         d.wait_ready(Duration::from_secs(20))?;
         Ok(d)
@@ -154,6 +165,11 @@ impl Daemon {
     /// The admin socket.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The name of the daemon's cgroup parent (unique to this daemon).
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
     }
 
     /// The config file in use.
