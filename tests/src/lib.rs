@@ -57,14 +57,23 @@ pub struct Daemon {
     socket: PathBuf,
     config: PathBuf,
     cgroup_parent: String,
+    args: Vec<String>,
 }
 
 impl Daemon {
     /// Starts capnetd with `config` (TOML text; `[daemon] state_dir` and `admin_socket` are
     /// added pointing into the temporary directory) and waits until it accepts admins.
     pub fn start(config: &str) -> Result<Self> {
+        Self::start_with_state(|_| config.to_string())
+    }
+
+    /// Like [`Daemon::start`], with the config made by `config` from the state directory
+    /// the daemon will use (for options that must name it).
+    pub fn start_with_state(config: impl FnOnce(&Path) -> String) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("capnet-test-").tempdir()?;
         let state = dir.path().join("state");
+        let config = config(&state);
+        let config = config.as_str();
         let socket = dir.path().join("admin.sock");
         let config_path = dir.path().join("capnet.toml");
         let cgroup_parent = unique_cgroup_parent();
@@ -106,11 +115,27 @@ impl Daemon {
         cgroup_parent: String,
         extra: &[String],
     ) -> Result<Self> {
-        let log = std::fs::File::create(dir.path().join("capnetd.log"))?;
+        let mut d = Self {
+            dir,
+            child: None,
+            socket,
+            config,
+            cgroup_parent,
+            args: extra.to_vec(),
+        };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("capnetd.log"))?;
         let child = Command::new(artifact("capnetd"))
             .arg("--config")
-            .arg(&config)
-            .args(extra)
+            .arg(&self.config)
+            .args(&self.args)
             .env(
                 "CAPNET_LOG",
                 std::env::var("CAPNET_LOG").unwrap_or_else(|_| "info".into()),
@@ -120,15 +145,17 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .context("starting capnetd")?;
-        let mut d = Self {
-            dir,
-            child: Some(child),
-            socket,
-            config,
-            cgroup_parent,
-        };
-        d.wait_ready(Duration::from_secs(20))?;
-        Ok(d)
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    /// Starts capnetd again with the same config, state directory and cgroup parent
+    /// (after [`Daemon::kill9`] or [`Daemon::stop`]).
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("capnetd is still running");
+        }
+        self.spawn()
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
@@ -155,6 +182,11 @@ impl Daemon {
     /// The daemon's own log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("capnetd.log")).unwrap_or_default()
+    }
+
+    /// The daemon's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 
     /// The temporary directory (state lives in `state/`).
@@ -236,6 +268,23 @@ impl Daemon {
         let mut all = vec!["grain", "start", "--id", id, "--", grain.as_ref()];
         all.extend_from_slice(args);
         self.capnet_json(&all)
+    }
+
+    /// Starts an ad-hoc grain running `capnet-probe ARGS` with extra `capnet grain
+    /// start` flags (such as `--pids 32`).
+    pub fn start_probe(&self, id: &str, flags: &[&str], args: &[&str]) -> Result<Value> {
+        let probe = artifact("capnet-probe");
+        let probe = probe.to_string_lossy();
+        let mut all = vec!["grain", "start", "--id", id];
+        all.extend_from_slice(flags);
+        all.extend_from_slice(&["--", probe.as_ref()]);
+        all.extend_from_slice(args);
+        self.capnet_json(&all)
+    }
+
+    /// `capnet --json grain status ID`.
+    pub fn grain_status(&self, id: &str) -> Result<Value> {
+        self.capnet_json(&["grain", "status", id])
     }
 
     /// Waits for a grain to exit and returns its status.
