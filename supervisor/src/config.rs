@@ -881,4 +881,30 @@ mod tests {
         assert!(parse_cpu(0.001).is_err());
         assert!(parse_cpu(f64::NAN).is_err());
     }
+
+    /// The shipped example configs parse, and the values `config/capnet.toml` spells out
+    /// for `[grains.defaults]` and the sandbox keys are the real built-in defaults, so
+    /// the administrator's documentation cannot drift from the code.
+    #[test]
+    fn shipped_configs_parse_and_document_the_defaults() {
+        let example = Config::parse(
+            include_str!("../../config/capnet.toml"),
+            Path::new("/etc/capnet/capnet.toml"),
+        )
+        .expect("config/capnet.toml");
+        assert_eq!(
+            example.grain_limits(None, &LimitOverrides::default()),
+            SandboxLimits::GRAIN_DEFAULT
+        );
+        assert!(example.grain_system_binds(None));
+        let d = DaemonConfig::default();
+        assert_eq!(example.daemon.cgroup_parent, d.cgroup_parent);
+        assert_eq!(example.daemon.sandbox_uid_base, d.sandbox_uid_base);
+        assert_eq!(example.daemon.sandbox_uid_count, d.sandbox_uid_count);
+        Config::parse(
+            include_str!("../../config/demo.toml"),
+            Path::new("config/demo.toml"),
+        )
+        .expect("config/demo.toml");
+    }
 }
