@@ -392,6 +392,18 @@ impl SandboxLimits {
                 format_bytes(MIN_MEMORY)
             ));
         }
+        if self.pids > MAX_PIDS {
+            return Err(format!(
+                "{what}: pids {} is above the kernel's maximum of {MAX_PIDS}",
+                self.pids
+            ));
+        }
+        if self.cpu_millis > 1_024_000 {
+            return Err(format!(
+                "{what}: cpu {} cores is above the maximum of 1024",
+                self.cpu_millis as f64 / 1000.0
+            ));
+        }
         if self.nofile < 16 || self.nofile > 1 << 20 {
             return Err(format!(
                 "{what}: nofile {} must be between 16 and 1048576",
@@ -410,6 +422,9 @@ impl SandboxLimits {
 
 /// The smallest memory limit accepted.
 pub const MIN_MEMORY: u64 = 8 << 20;
+
+/// The largest pids limit accepted (the kernel's `PID_MAX_LIMIT`).
+pub const MAX_PIDS: u64 = 4 << 20;
 
 /// Limits set by one layer (config defaults, a grain table, the command line).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -854,6 +869,19 @@ mod tests {
         )
         .expect_err("driver memory");
         assert!(err.to_string().contains("drivers.t: memory 2 MiB"), "{err}");
+        let huge = SandboxLimits::GRAIN_DEFAULT.with(&LimitOverrides {
+            pids: Some(u64::MAX),
+            ..Default::default()
+        });
+        assert!(
+            huge.check("request").is_err(),
+            "pids beyond the kernel's limit"
+        );
+        let huge = SandboxLimits::GRAIN_DEFAULT.with(&LimitOverrides {
+            cpu_millis: Some(u64::MAX),
+            ..Default::default()
+        });
+        assert!(huge.check("request").is_err(), "cpu beyond 1024 cores");
         let err = Config::parse("[daemon]\nsandbox_uid_base = 0\n", Path::new("c.toml"))
             .expect_err("uid 0");
         assert!(err.to_string().contains("sandbox_uid_base 0"), "{err}");

@@ -522,7 +522,7 @@ impl SandboxCgroup {
                     write(&self.cpu.join("cpu.cfs_period_us"), "100000")?;
                     write(
                         &self.cpu.join("cpu.cfs_quota_us"),
-                        &(l.cpu_millis * 100).to_string(),
+                        &l.cpu_millis.saturating_mul(100).to_string(),
                     )?;
                 }
             }
@@ -536,7 +536,7 @@ impl SandboxCgroup {
                 if l.cpu_millis > 0 {
                     write(
                         &self.cpu.join("cpu.max"),
-                        &format!("{} 100000", l.cpu_millis * 100),
+                        &format!("{} 100000", l.cpu_millis.saturating_mul(100)),
                     )?;
                 }
             }

@@ -384,7 +384,7 @@ fn spawn_one(
         &name,
         &CgroupLimits {
             memory_bytes: spec.limits.memory_bytes,
-            pids: spec.limits.pids + PIDS_OVERHEAD,
+            pids: spec.limits.pids.saturating_add(PIDS_OVERHEAD),
             cpu_millis: spec.limits.cpu_millis,
         },
     )?;
