@@ -292,7 +292,8 @@ fn kill_9_of_capnetd_takes_every_sandbox_down() {
 /// capabilities, an invisible host and state directory, no host process reachable, and
 /// the lock-down (no exec, no open for writing) — while what a driver needs still works
 /// (the host's loopback network, /etc/resolv.conf); its processes run as an
-/// unprivileged host id, and capnetd keeps the driver running.
+/// unprivileged host id under the `[drivers.NAME]` memory and pids limits, and capnetd
+/// keeps the driver running.
 #[test]
 fn hostile_plugin_cannot_break_out_of_its_driver_host() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
@@ -308,6 +309,11 @@ fn hostile_plugin_cannot_break_out_of_its_driver_host() {
                 std::process::id(),
                 plugin.display().to_string()
             ),
+        )
+        .replacen(
+            "listen_addresses = [\"127.0.0.1\"]",
+            "listen_addresses = [\"127.0.0.1\"]\nmemory = \"200MiB\"\npids = 100",
+            1,
         )
     })
     .expect("daemon");
@@ -381,6 +387,40 @@ fn hostile_plugin_cannot_break_out_of_its_driver_host() {
             "pid {pid} runs as {uid:?}"
         );
     }
+    // The [drivers.hostile] limits are the host's cgroup limits.
+    let (memory, pids) = cgroup_limits(helper);
+    assert_eq!(memory, Some(200 << 20), "memory limit of the driver host");
+    assert_eq!(pids, Some(102), "pids limit: 100 + the helper and the init");
+}
+
+/// The memory and pids limits of the cgroups `pid` is in (v1 or v2).
+fn cgroup_limits(pid: i32) -> (Option<u64>, Option<u64>) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let read = |p: std::path::PathBuf| -> Option<u64> {
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    };
+    let (mut memory, mut pids) = (None, None);
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if ctrls.is_empty() {
+            let dir = std::path::Path::new("/sys/fs/cgroup").join(rel);
+            memory = memory.or_else(|| read(dir.join("memory.max")));
+            pids = pids.or_else(|| read(dir.join("pids.max")));
+        }
+        for c in ctrls.split(',') {
+            let dir = std::path::Path::new("/sys/fs/cgroup").join(ctrls).join(rel);
+            match c {
+                "memory" => memory = read(dir.join("memory.limit_in_bytes")).or(memory),
+                "pids" => pids = read(dir.join("pids.max")).or(pids),
+                _ => {}
+            }
+        }
+    }
+    (memory, pids)
 }
 
 /// Scenario: a grain whose program does not exist inside the sandbox, and an ad-hoc

@@ -410,7 +410,11 @@ fn spawn_section(a: &Args) -> Result<String> {
          filter.\n",
         std::env::consts::ARCH,
         a.spawn_runs,
-        if cfg!(debug_assertions) { "debug" } else { "release" },
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
         d50 / b50,
         ms(lib, "p50_ms"),
         ms(lib, "p99_ms"),
