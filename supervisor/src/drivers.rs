@@ -396,7 +396,7 @@ async fn supervise(inner: Rc<Inner>, slot: Rc<Slot>) {
                 slot.set(SlotState::Running(Box::new(host.running.clone())));
                 let limits = slot.config.limits();
                 let why = tokio::select! {
-                    status = host.sandbox.wait() => describe_exit(status.ok().as_ref(), limits.memory_bytes),
+                    status = host.sandbox.wait() => describe_exit(status.ok().as_ref(), &slot.name, limits.memory_bytes),
                     r = &mut host.rpc_done => r.unwrap_or_else(|_| "connection lost".into()),
                     _ = slot.stop.notified() => String::new(),
                 };
@@ -410,7 +410,7 @@ async fn supervise(inner: Rc<Inner>, slot: Rc<Slot>) {
                 let why = if why == "connection lost" || why.starts_with("the connection") {
                     format!(
                         "{why}; {}",
-                        describe_exit(status.as_ref(), limits.memory_bytes)
+                        describe_exit(status.as_ref(), &slot.name, limits.memory_bytes)
                     )
                 } else {
                     why
@@ -467,7 +467,7 @@ async fn supervise(inner: Rc<Inner>, slot: Rc<Slot>) {
     slot.set(SlotState::Stopped);
 }
 
-fn describe_exit(exit: Option<&SandboxExit>, memory_limit: u64) -> String {
+fn describe_exit(exit: Option<&SandboxExit>, name: &str, memory_limit: u64) -> String {
     let Some(exit) = exit else {
         return "the driver host ended; its exit status could not be read".into();
     };
@@ -481,7 +481,7 @@ fn describe_exit(exit: Option<&SandboxExit>, memory_limit: u64) -> String {
         ),
         ExitReason::OomKilled => format!(
             "the driver host was killed by the kernel's OOM killer (oom) at its memory limit \
-             of {}; raise drivers.NAME.memory if the load is legitimate",
+             of {}; raise drivers.{name}.memory if the load is legitimate",
             format_bytes(memory_limit)
         ),
     }
@@ -615,7 +615,7 @@ async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartErr
                 format!(
                     "{}: {}",
                     f.message,
-                    describe_exit(exit.as_ref(), limits.memory_bytes)
+                    describe_exit(exit.as_ref(), &slot.name, limits.memory_bytes)
                 )
             } else {
                 f.message
