@@ -374,7 +374,9 @@ impl GrainManager {
             }
         };
         plan.env.extend(spec.env.iter().cloned());
-        if !valid_name(&plan.id) && !plan.id.starts_with("grain-") {
+        // The id names a directory under the state directory and a cgroup: nothing but
+        // [a-z0-9-] (generated ids, `grain-<hex>`, are of that form too).
+        if !valid_name(&plan.id) {
             return Err(GrainError::BadId(plan.id));
         }
         plan.limits

@@ -423,11 +423,11 @@ fn cgroup_limits(pid: i32) -> (Option<u64>, Option<u64>) {
     (memory, pids)
 }
 
-/// Scenario: a grain whose program does not exist inside the sandbox, and an ad-hoc
-/// program given by a relative path.
-/// Promise: both are refused with a message naming the program and what to do; the
-/// failed start is recorded as the grain's exit ("failed"), and nothing is left
-/// running.
+/// Scenario: a grain whose app tree does not exist, an ad-hoc program given by a
+/// relative path, and an id that tries to climb out of the state directory.
+/// Promise: each is refused with a message naming the problem and what to do; the
+/// failed start is recorded as the grain's exit ("failed"), nothing is created outside
+/// the state directory, and nothing is left running.
 #[test]
 fn bad_programs_are_refused_with_clear_messages() {
     let d = Daemon::start(
@@ -446,6 +446,11 @@ fn bad_programs_are_refused_with_clear_messages() {
     let out = d.capnet(&["grain", "start", "--id", "rel", "--", "capnet-probe"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not an absolute host path"), "{err}");
+    // An id is a directory name under the state directory: no way out of it.
+    let out = d.capnet(&["grain", "start", "--id", "grain-/../../x", "--", "/bin/true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must be 1-32 lower-case letters"), "{err}");
+    assert!(!d.state_dir().join("x").exists());
     let left = pids_under(d.cgroup_parent());
     assert!(
         left.is_empty(),
