@@ -357,6 +357,10 @@ fn ms(v: &serde_json::Value, k: &str) -> f64 {
 }
 
 fn spawn_section(a: &Args) -> Result<String> {
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
     eprintln!(
         "bench: sandbox spawn through capnetd ({} runs) …",
         a.spawn_runs
@@ -391,7 +395,8 @@ fn spawn_section(a: &Args) -> Result<String> {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     Ok(format!(
         "## Sandbox spawn: start request until `true` ran in a fully confined grain and was reaped\n\n\
-         Machine: {cpus} CPUs, {}; {} runs of each, in one run of `make bench` ({} build). \
+         Machine: {cpus} CPUs, {}, load average {load} when it started; {} runs of each, in \
+         one run of `make bench` ({} build). \
          A capnet grain here has every wall: user, pid, mount, network, ipc, uts and cgroup \
          namespaces, a new root (tmpfs) with read-only `/app`, `/usr`, `/lib`, `/lib64`, \
          `/bin`, its own `/tmp`, `/dev` and `/proc`, memory, pids and CPU cgroups (created and \
