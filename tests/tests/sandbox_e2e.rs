@@ -447,7 +447,14 @@ fn bad_programs_are_refused_with_clear_messages() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not an absolute host path"), "{err}");
     // An id is a directory name under the state directory: no way out of it.
-    let out = d.capnet(&["grain", "start", "--id", "grain-/../../x", "--", "/bin/true"]);
+    let out = d.capnet(&[
+        "grain",
+        "start",
+        "--id",
+        "grain-/../../x",
+        "--",
+        "/bin/true",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must be 1-32 lower-case letters"), "{err}");
     assert!(!d.state_dir().join("x").exists());
