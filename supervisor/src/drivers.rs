@@ -231,7 +231,10 @@ impl DriverManager {
         let slots: Vec<_> = self.inner.slots.borrow().values().cloned().collect();
         for slot in &slots {
             slot.stopping.set(true);
-            slot.stop.notify_waiters();
+            // notify_one keeps the wake-up for a supervising task that is not waiting
+            // right now (one still starting its host): a stop is never lost, so the
+            // host's sandbox is always torn down before the daemon exits.
+            slot.stop.notify_one();
         }
         for slot in &slots {
             let mut rx = slot.changed.subscribe();

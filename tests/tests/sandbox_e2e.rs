@@ -278,7 +278,20 @@ fn kill_9_of_capnetd_takes_every_sandbox_down() {
         pids_under(&parent)
     );
 
+    let stale = |name: &str| {
+        own_parent_dirs(&parent)
+            .iter()
+            .any(|p| p.join(name).is_dir())
+    };
+    assert!(
+        stale("grain-b"),
+        "the dead daemon's cgroups are still there"
+    );
     d.restart().expect("restart");
+    assert!(
+        !stale("grain-b"),
+        "the restarted daemon removed the stale cgroups"
+    );
     let again = d.start_probe("a", &[], &["hold"]).expect("a again");
     assert_eq!(again["host_uid"], a["host_uid"], "a keeps its host id");
     d.capnet_json(&["grain", "stop", "a"]).expect("stop");
@@ -463,4 +476,40 @@ fn bad_programs_are_refused_with_clear_messages() {
         left.is_empty(),
         "processes left in the daemon's cgroups: {left:?}"
     );
+}
+
+/// The capnet cgroup parent directories of this test process's cgroups (capnetd runs in
+/// the same ones), whether they exist or not.
+fn own_parent_dirs(parent: &str) -> Vec<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if !(ctrls.is_empty() || ["memory", "pids", "cpu", "cpuacct"].contains(&ctrls)) {
+            continue;
+        }
+        let base = std::path::Path::new("/sys/fs/cgroup").join(ctrls);
+        out.push(base.join(path.trim_start_matches('/')).join(parent));
+    }
+    out
+}
+
+/// Scenario: capnetd is told to stop right after it came up, while its driver host is
+/// still starting.
+/// Promise: shutdown waits for the driver's sandbox and tears it down; afterwards not
+/// even capnet's cgroup parent is left (a stop request that arrives mid-start is not
+/// lost).
+#[test]
+fn shutdown_during_driver_start_leaves_no_cgroup() {
+    let mut d =
+        Daemon::start(&driver_config("tcp", "libcapnet_driver_tcp.so", "")).expect("daemon");
+    let parent = d.cgroup_parent().to_string();
+    let dirs = own_parent_dirs(&parent);
+    assert!(dirs.iter().any(|p| p.is_dir()), "{dirs:?}");
+    d.stop().expect("stop");
+    let left: Vec<_> = dirs.iter().filter(|p| p.exists()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}\n{}", d.log());
 }
