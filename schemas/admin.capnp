@@ -154,6 +154,10 @@ struct GrainSpec {
 
   env @3 :List(Util.KeyValue);
   # Extra environment for the app.
+
+  limits @4 :SandboxLimits;
+  # Overrides of the configured limits for this start; a zero field keeps the
+  # configured value (`[grains.ID]`, then `[grains.defaults]`, then the built-in default).
 }
 
 struct GrainInfo {
@@ -170,7 +174,55 @@ struct GrainInfo {
   exitStatus @4 :Int32;
   # Exit code, or -signal if killed by a signal.
   exitReason @5 :Text;
+  # For the administrator: how it ended, including an OOM kill and pids-limit hits.
   command @6 :List(Text);
+  # As run inside the sandbox (an ad-hoc program appears as /app/<file>).
+
+  limits @7 :SandboxLimits;
+  # The limits the sandbox runs (or ran) with.
+
+  usage @8 :SandboxUsage;
+  # Cgroup accounting: live while running, final after the exit.
+
+  uptimeMs @9 :UInt64;
+  # Time since the start request (while running) or how long it ran (after the exit).
+
+  exitCause @10 :Text;
+  # Empty while running; then "exited", "signaled", "oom" (killed by the kernel's OOM
+  # killer at the memory limit) or "failed" (the sandbox could not be set up).
+
+  oomKilled @11 :Bool;
+  # The OOM killer killed a process of the grain (the grain itself or a child).
+
+  pidsLimitHit @12 :Bool;
+  # A fork or thread creation failed at the pids limit at least once.
+
+  hostUid @13 :UInt32;
+  # The unprivileged host uid/gid the grain's uid 1000 maps to (kept across restarts).
+}
+
+struct SandboxLimits {
+  # Resource limits of one sandbox. In a request, 0 means "the configured value".
+  memoryBytes @0 :UInt64;
+  pids @1 :UInt64;
+  # Tasks (processes and threads) of the program.
+  cpuMillis @2 :UInt64;
+  # CPU quota in thousandths of a core; 0 (in a status) means unlimited.
+  tmpBytes @3 :UInt64;
+  # Size of /tmp and /dev/shm.
+  nofile @4 :UInt64;
+  fsizeBytes @5 :UInt64;
+}
+
+struct SandboxUsage {
+  valid @0 :Bool;
+  # False if the accounting could not be read.
+  memoryBytes @1 :UInt64;
+  pids @2 :UInt64;
+  cpuUsageNs @3 :UInt64;
+  oomKills @4 :UInt64;
+  pidsLimitHits @5 :UInt64;
+  # How often a fork failed at the pids limit.
 }
 
 struct PowerboxRequest {

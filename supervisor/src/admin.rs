@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use capnet_driver_api::Limits as GrantLimits;
 use capnet_driver_api::policy::RuleConfig;
-use capnet_schemas::admin_capnp::{admin, grain_info, powerbox_request};
+use capnet_schemas::admin_capnp::{admin, grain_info, powerbox_request, sandbox_limits};
 use capnet_schemas::rpc::two_party;
 use capnp::Error;
 use capnp_rpc::rpc_twoparty_capnp::Side;
@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::audit::{Audit, AuditRecord};
 use crate::config::SharedConfig;
+use crate::config::{LimitOverrides, SandboxLimits};
 use crate::drivers::DriverManager;
 use crate::drivers::Inspection;
 use crate::grains::{GrainInfo, GrainManager, GrainState, StartSpec};
@@ -196,9 +197,46 @@ fn write_grain(mut b: grain_info::Builder<'_>, g: &GrainInfo) {
     b.set_started_at_ms(g.started_ms);
     b.set_exit_status(g.exit_status);
     b.set_exit_reason(&g.exit_reason);
-    let mut c = b.init_command(g.command.len() as u32);
+    let mut c = b.reborrow().init_command(g.command.len() as u32);
     for (i, a) in g.command.iter().enumerate() {
         c.set(i as u32, a);
+    }
+    write_limits(b.reborrow().init_limits(), &g.limits);
+    if let Some(s) = &g.usage {
+        let mut u = b.reborrow().init_usage();
+        u.set_valid(true);
+        u.set_memory_bytes(s.memory_bytes);
+        u.set_pids(s.pids);
+        u.set_cpu_usage_ns(s.cpu_usage_ns);
+        u.set_oom_kills(s.oom_kills);
+        u.set_pids_limit_hits(s.pids_max_hits);
+    }
+    b.set_uptime_ms(u64::try_from(g.uptime.as_millis()).unwrap_or(u64::MAX));
+    b.set_exit_cause(g.exit_cause);
+    b.set_oom_killed(g.oom_killed);
+    b.set_pids_limit_hit(g.pids_limit_hit);
+    b.set_host_uid(g.host_uid);
+}
+
+fn write_limits(mut b: sandbox_limits::Builder<'_>, l: &SandboxLimits) {
+    b.set_memory_bytes(l.memory_bytes);
+    b.set_pids(l.pids);
+    b.set_cpu_millis(l.cpu_millis);
+    b.set_tmp_bytes(l.tmp_bytes);
+    b.set_nofile(l.nofile);
+    b.set_fsize_bytes(l.fsize_bytes);
+}
+
+/// Limits of a start request: zero fields keep the configured values.
+fn read_overrides(r: sandbox_limits::Reader<'_>) -> LimitOverrides {
+    let some = |v: u64| (v != 0).then_some(v);
+    LimitOverrides {
+        memory_bytes: some(r.get_memory_bytes()),
+        pids: some(r.get_pids()),
+        cpu_millis: some(r.get_cpu_millis()),
+        tmp_bytes: some(r.get_tmp_bytes()),
+        nofile: some(r.get_nofile()),
+        fsize_bytes: some(r.get_fsize_bytes()),
     }
 }
 
@@ -233,6 +271,7 @@ impl admin::Server for AdminImpl {
         for kv in spec.get_env()? {
             env.push((kv.get_key()?.to_string()?, kv.get_value()?.to_string()?));
         }
+        let limits = read_overrides(spec.get_limits()?);
         let info = self
             .grains
             .start(StartSpec {
@@ -240,7 +279,9 @@ impl admin::Server for AdminImpl {
                 id: (!id.is_empty()).then(|| id.to_string()),
                 command,
                 env,
+                limits,
             })
+            .await
             .map_err(err)?;
         write_grain(results.get().init_grain(), &info);
         Ok(())

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow, bail};
 use capnet_driver_api::policy::{Action, RuleConfig, RuleDirection};
-use capnet_schemas::admin_capnp::{admin, grain_info, powerbox_request};
+use capnet_schemas::admin_capnp::{
+    admin, grain_info, powerbox_request, sandbox_limits, sandbox_usage,
+};
 use capnet_schemas::rpc::two_party;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use clap::{Args, Parser, Subcommand};
@@ -64,7 +66,20 @@ enum GrainCmd {
         /// Extra environment, KEY=VALUE.
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
-        /// Program and arguments of an ad-hoc grain.
+        /// Memory limit (e.g. 256MiB), overriding the config.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+        memory: Option<u64>,
+        /// Task (process and thread) limit, overriding the config.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        pids: Option<u64>,
+        /// CPU quota in cores (e.g. 0.5), overriding the config.
+        #[arg(long, value_name = "CORES", value_parser = parse_cpu_arg)]
+        cpu: Option<u64>,
+        /// Size of /tmp (e.g. 64MiB), overriding the config.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+        tmp: Option<u64>,
+        /// Program and arguments of an ad-hoc grain: an absolute host path, whose
+        /// directory is mounted read-only at /app.
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -414,6 +429,24 @@ fn absolute_path(p: &std::path::Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
 }
 
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    match crate::config::parse_size(s)? {
+        0 => Err("must not be 0".into()),
+        n => Ok(n),
+    }
+}
+
+fn parse_cpu_arg(s: &str) -> Result<u64, String> {
+    let cores: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of cores"))?;
+    match crate::config::parse_cpu(cores)? {
+        // 0 in a request means "the configured value"; unlimited is set in the config.
+        0 => Err("0 (unlimited) can only be set in the config".into()),
+        m => Ok(m),
+    }
+}
+
 /// Parses `--allow` / `--deny` specs into a rule.
 fn parse_rule(action: &str, spec: &str) -> Result<RuleConfig> {
     let mut r = RuleConfig {
@@ -471,7 +504,106 @@ fn grain_json(g: grain_info::Reader<'_>) -> Result<serde_json::Value> {
         "exit_status": g.get_exit_status(),
         "exit_reason": g.get_exit_reason()?.to_str()?,
         "command": command,
+        "limits": limits_json(g.get_limits()?),
+        "usage": usage_json(g.get_usage()?),
+        "uptime_ms": g.get_uptime_ms(),
+        "exit_cause": g.get_exit_cause()?.to_str()?,
+        "oom_killed": g.get_oom_killed(),
+        "pids_limit_hit": g.get_pids_limit_hit(),
+        "host_uid": g.get_host_uid(),
     }))
+}
+
+fn limits_json(l: sandbox_limits::Reader<'_>) -> serde_json::Value {
+    json!({
+        "memory_bytes": l.get_memory_bytes(),
+        "pids": l.get_pids(),
+        "cpu_millis": l.get_cpu_millis(),
+        "tmp_bytes": l.get_tmp_bytes(),
+        "nofile": l.get_nofile(),
+        "fsize_bytes": l.get_fsize_bytes(),
+    })
+}
+
+fn usage_json(u: sandbox_usage::Reader<'_>) -> serde_json::Value {
+    if !u.get_valid() {
+        return serde_json::Value::Null;
+    }
+    json!({
+        "memory_bytes": u.get_memory_bytes(),
+        "pids": u.get_pids(),
+        "cpu_usage_ns": u.get_cpu_usage_ns(),
+        "oom_kills": u.get_oom_kills(),
+        "pids_limit_hits": u.get_pids_limit_hits(),
+    })
+}
+
+fn plural(n: u64, suffix: &str) -> &str {
+    if n == 1 { "" } else { suffix }
+}
+
+/// The multi-line view of `capnet grain status`.
+fn grain_status_text(v: &serde_json::Value) -> String {
+    use crate::config::format_bytes;
+    use crate::grains::format_cpu;
+    let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    let l = &v["limits"];
+    let u = &v["usage"];
+    let mut out = format!(
+        "{}  {}  pid {}  up {:.1}s  host uid {}\n  command  {}\n",
+        v["id"].as_str().unwrap_or(""),
+        v["state"].as_str().unwrap_or(""),
+        v["pid"],
+        n(&v["uptime_ms"]) as f64 / 1000.0,
+        v["host_uid"],
+        v["command"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(" "))
+            .unwrap_or_default(),
+    );
+    if v["state"] == "exited" {
+        out.push_str("  (usage at exit)\n");
+    }
+    if u.is_null() {
+        out.push_str("  usage    (not available)\n");
+    } else {
+        out.push_str(&format!(
+            "  memory   {} of {}{}\n  pids     {} of {}{}\n  cpu      {:.2}s used, quota {}\n",
+            format_bytes(n(&u["memory_bytes"])),
+            format_bytes(n(&l["memory_bytes"])),
+            match n(&u["oom_kills"]) {
+                0 => String::new(),
+                k => format!("  (OOM killer killed {k} process{})", plural(k, "es")),
+            },
+            n(&u["pids"]),
+            n(&l["pids"]),
+            match n(&u["pids_limit_hits"]) {
+                0 => String::new(),
+                k => format!("  (limit hit: {k} fork{} refused)", plural(k, "s")),
+            },
+            n(&u["cpu_usage_ns"]) as f64 / 1e9,
+            format_cpu(n(&l["cpu_millis"])),
+        ));
+    }
+    out.push_str(&format!(
+        "  limits   tmp {}, nofile {}, fsize {}",
+        format_bytes(n(&l["tmp_bytes"])),
+        n(&l["nofile"]),
+        format_bytes(n(&l["fsize_bytes"])),
+    ));
+    if let Some(r) = v["exit_reason"].as_str().filter(|r| !r.is_empty()) {
+        out.push_str(&format!(
+            "\n  exit     {} ({}, status {})",
+            r,
+            v["exit_cause"].as_str().unwrap_or(""),
+            v["exit_status"]
+        ));
+    }
+    out
 }
 
 fn request_json(r: powerbox_request::Reader<'_>) -> Result<serde_json::Value> {
@@ -594,6 +726,10 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             id,
             env,
+            memory,
+            pids,
+            cpu,
+            tmp,
             command,
         }) => {
             if name.is_none() && command.is_empty() {
@@ -611,6 +747,13 @@ async fn run(cli: Cli) -> Result<()> {
                 let mut c = s.reborrow().init_command(command.len() as u32);
                 for (i, a) in command.iter().enumerate() {
                     c.set(i as u32, a);
+                }
+                {
+                    let mut l = s.reborrow().init_limits();
+                    l.set_memory_bytes(memory.unwrap_or(0));
+                    l.set_pids(pids.unwrap_or(0));
+                    l.set_cpu_millis(cpu.unwrap_or(0));
+                    l.set_tmp_bytes(tmp.unwrap_or(0));
                 }
                 let mut e = s.init_env(env.len() as u32);
                 for (i, kv) in env.iter().enumerate() {
@@ -655,7 +798,7 @@ async fn run(cli: Cli) -> Result<()> {
             req.get().set_grain_id(&id);
             let resp = req.send().promise.await.map_err(clean)?;
             let v = grain_json(resp.get()?.get_grain()?)?;
-            print_value(j, &v, || grain_text(&v));
+            print_value(j, &v, || grain_status_text(&v));
         }
         Command::Grain(GrainCmd::Logs { id, bytes }) => {
             let mut req = admin.grain_logs_request();

@@ -7,12 +7,15 @@
 //! holds the `capnetd` executable, where `cargo build` puts the shipped drivers).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::num::NonZeroU64;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use capnet_driver_api::Privileges;
 use capnet_driver_api::policy::RuleConfig;
 use serde::Deserialize;
+
+use crate::sandbox;
 
 /// Loading the configuration failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +60,9 @@ pub struct Config {
     /// Approved drivers, by instance name.
     #[serde(default)]
     pub drivers: BTreeMap<String, DriverConfig>,
-    /// Grains, by id.
+    /// Grains, by id (`[grains.ID]`), and their defaults (`[grains.defaults]`).
     #[serde(default)]
-    pub grains: BTreeMap<String, GrainConfig>,
+    pub grains: GrainsSection,
     /// Powerbox rules: requests answered in advance.
     #[serde(default)]
     pub powerbox: PowerboxConfig,
@@ -101,6 +104,16 @@ pub struct DaemonConfig {
     /// How long a driver may take to answer a health check before it is killed and
     /// restarted, in milliseconds.
     pub health_timeout_ms: u64,
+    /// The sandbox setup helper. Default: `capnet-sandbox` beside `capnetd`.
+    pub sandbox_helper: Option<PathBuf>,
+    /// Name of the cgroup capnet creates beneath its own (per controller on cgroup v1)
+    /// to hold one cgroup per sandbox.
+    pub cgroup_parent: String,
+    /// First host uid/gid of the range sandboxes map their uid/gid 1000 to.
+    pub sandbox_uid_base: u32,
+    /// Size of that range: how many grains (each keeps its id) plus running driver hosts
+    /// the daemon can have.
+    pub sandbox_uid_count: u32,
 }
 
 impl Default for DaemonConfig {
@@ -118,6 +131,10 @@ impl Default for DaemonConfig {
             audit_max_records: 1_000_000,
             health_interval_ms: 5_000,
             health_timeout_ms: 2_000,
+            sandbox_helper: None,
+            cgroup_parent: "capnet".into(),
+            sandbox_uid_base: 100_000,
+            sandbox_uid_count: 65_536,
         }
     }
 }
@@ -163,6 +180,31 @@ pub struct DriverConfig {
     /// The driver's own options (see its documentation) and the standard ones.
     #[serde(default)]
     pub options: toml::Table,
+    /// Memory limit of the driver host's sandbox.
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+    /// Task (process and thread) limit of the driver host.
+    #[serde(default)]
+    pub pids: Option<NonZeroU64>,
+    /// CPU quota of the driver host, in cores (0 = unlimited).
+    #[serde(default)]
+    pub cpu: Option<Cpu>,
+    /// Open-file limit of the driver host (each proxied connection needs descriptors).
+    #[serde(default)]
+    pub nofile: Option<NonZeroU64>,
+}
+
+impl DriverConfig {
+    /// The driver host's limits: the built-in driver defaults with this table's keys.
+    pub fn limits(&self) -> SandboxLimits {
+        SandboxLimits::DRIVER_DEFAULT.with(&LimitOverrides {
+            memory_bytes: self.memory.map(|m| m.0),
+            pids: self.pids.map(NonZeroU64::get),
+            cpu_millis: self.cpu.map(|c| c.0),
+            nofile: self.nofile.map(NonZeroU64::get),
+            ..LimitOverrides::default()
+        })
+    }
 }
 
 fn default_listen() -> Vec<String> {
@@ -236,11 +278,37 @@ fn grant_action() -> String {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrainConfig {
-    /// Program and arguments.
+    /// Program and arguments. A relative program is relative to the app tree (`/app`);
+    /// an absolute one is a path inside the sandbox (e.g. `/usr/bin/python3`).
     pub command: Vec<String>,
     /// Extra environment.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The app tree: a host directory mounted read-only at `/app`.
+    #[serde(default)]
+    pub app: Option<PathBuf>,
+    /// Bind the host's `/usr`, `/lib`, `/lib64` and `/bin` read-only (default: the
+    /// `[grains.defaults]` value, itself true by default).
+    #[serde(default)]
+    pub system_binds: Option<bool>,
+    /// Memory limit (e.g. `"512MiB"`).
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+    /// Task (process and thread) limit.
+    #[serde(default)]
+    pub pids: Option<NonZeroU64>,
+    /// CPU quota in cores (`0.5`, `2`; 0 = unlimited).
+    #[serde(default)]
+    pub cpu: Option<Cpu>,
+    /// Size of the `/tmp` (and `/dev/shm`) tmpfs.
+    #[serde(default)]
+    pub tmp: Option<ByteSize>,
+    /// Open-file limit (`RLIMIT_NOFILE`).
+    #[serde(default)]
+    pub nofile: Option<NonZeroU64>,
+    /// Largest file the grain may write (`RLIMIT_FSIZE`).
+    #[serde(default)]
+    pub fsize: Option<ByteSize>,
     /// Run the command under capnet-bridge, so that unmodified programs reach the network
     /// through the grain's grants: `true` for the bridge's defaults, or a list of its
     /// arguments (such as `["--grant", "network"]`).
@@ -259,13 +327,20 @@ pub enum BridgeSetting {
 }
 
 impl GrainConfig {
+    /// The bridge's arguments if the grain asks to run under capnet-bridge.
+    pub fn bridge_args(&self) -> Option<Vec<String>> {
+        match &self.bridge {
+            None | Some(BridgeSetting::On(false)) => None,
+            Some(BridgeSetting::On(true)) => Some(Vec::new()),
+            Some(BridgeSetting::Args(a)) => Some(a.clone()),
+        }
+    }
+
     /// The command to run: `command`, or `bridge_exe [args…] -- command…` when the grain
     /// asks for the bridge.
     pub fn command_line(&self, bridge_exe: &Path) -> Vec<String> {
-        let args = match &self.bridge {
-            None | Some(BridgeSetting::On(false)) => return self.command.clone(),
-            Some(BridgeSetting::On(true)) => Vec::new(),
-            Some(BridgeSetting::Args(a)) => a.clone(),
+        let Some(args) = self.bridge_args() else {
+            return self.command.clone();
         };
         let mut c = vec![bridge_exe.display().to_string()];
         c.extend(args);
@@ -296,6 +371,321 @@ impl SharedConfig {
     pub fn set(&self, config: Config) {
         *self.0.borrow_mut() = std::rc::Rc::new(config);
     }
+}
+
+impl GrainConfig {
+    /// The limits this table sets.
+    pub fn overrides(&self) -> LimitOverrides {
+        LimitOverrides {
+            memory_bytes: self.memory.map(|m| m.0),
+            pids: self.pids.map(NonZeroU64::get),
+            cpu_millis: self.cpu.map(|c| c.0),
+            tmp_bytes: self.tmp.map(|m| m.0),
+            nofile: self.nofile.map(NonZeroU64::get),
+            fsize_bytes: self.fsize.map(|m| m.0),
+        }
+    }
+}
+
+/// `[grains.defaults]`: limits and binds for every grain that does not set its own.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrainDefaults {
+    /// Bind the host's `/usr`, `/lib`, `/lib64` and `/bin` read-only (default true).
+    #[serde(default)]
+    pub system_binds: Option<bool>,
+    /// Memory limit (default 512 MiB).
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+    /// Task limit (default 256).
+    #[serde(default)]
+    pub pids: Option<NonZeroU64>,
+    /// CPU quota in cores (default 1).
+    #[serde(default)]
+    pub cpu: Option<Cpu>,
+    /// `/tmp` size (default 64 MiB).
+    #[serde(default)]
+    pub tmp: Option<ByteSize>,
+    /// Open-file limit (default 1024).
+    #[serde(default)]
+    pub nofile: Option<NonZeroU64>,
+    /// Largest writable file (default 1 GiB).
+    #[serde(default)]
+    pub fsize: Option<ByteSize>,
+}
+
+impl GrainDefaults {
+    /// The limits this table sets.
+    pub fn overrides(&self) -> LimitOverrides {
+        LimitOverrides {
+            memory_bytes: self.memory.map(|m| m.0),
+            pids: self.pids.map(NonZeroU64::get),
+            cpu_millis: self.cpu.map(|c| c.0),
+            tmp_bytes: self.tmp.map(|m| m.0),
+            nofile: self.nofile.map(NonZeroU64::get),
+            fsize_bytes: self.fsize.map(|m| m.0),
+        }
+    }
+}
+
+/// The `[grains]` section: `[grains.defaults]` and one `[grains.ID]` per grain (so
+/// `defaults` cannot be a grain id). Dereferences to the map of grains.
+#[derive(Clone, Debug, Default)]
+pub struct GrainsSection {
+    /// `[grains.defaults]`.
+    pub defaults: GrainDefaults,
+    /// `[grains.ID]` tables.
+    pub by_id: BTreeMap<String, GrainConfig>,
+}
+
+impl std::ops::Deref for GrainsSection {
+    type Target = BTreeMap<String, GrainConfig>;
+    fn deref(&self) -> &Self::Target {
+        &self.by_id
+    }
+}
+
+impl<'de> Deserialize<'de> for GrainsSection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GrainsSection;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table of [grains.ID] tables and an optional [grains.defaults]")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = GrainsSection::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "defaults" {
+                        out.defaults = map.next_value()?;
+                    } else {
+                        let g: GrainConfig = map.next_value()?;
+                        out.by_id.insert(key, g);
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Resolved resource limits of one sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SandboxLimits {
+    /// Memory limit in bytes (swap included where the kernel accounts it).
+    pub memory_bytes: u64,
+    /// Tasks (processes and threads) of the app.
+    pub pids: u64,
+    /// CPU quota in thousandths of a core (0 = unlimited).
+    pub cpu_millis: u64,
+    /// Size of `/tmp` and `/dev/shm`.
+    pub tmp_bytes: u64,
+    /// `RLIMIT_NOFILE`.
+    pub nofile: u64,
+    /// `RLIMIT_FSIZE` in bytes.
+    pub fsize_bytes: u64,
+}
+
+impl SandboxLimits {
+    /// A grain's limits when nothing is configured.
+    pub const GRAIN_DEFAULT: SandboxLimits = SandboxLimits {
+        memory_bytes: 512 << 20,
+        pids: 256,
+        cpu_millis: 1000,
+        tmp_bytes: 64 << 20,
+        nofile: 1024,
+        fsize_bytes: 1 << 30,
+    };
+
+    /// A driver host's limits when nothing is configured. Drivers hold a socket per
+    /// proxied connection, hence the higher open-file limit; they write no files (the
+    /// host is locked down after loading the plugin).
+    pub const DRIVER_DEFAULT: SandboxLimits = SandboxLimits {
+        memory_bytes: 256 << 20,
+        pids: 128,
+        cpu_millis: 1000,
+        tmp_bytes: 16 << 20,
+        nofile: 4096,
+        fsize_bytes: 16 << 20,
+    };
+
+    /// These limits with the values `o` sets.
+    pub fn with(self, o: &LimitOverrides) -> Self {
+        SandboxLimits {
+            memory_bytes: o.memory_bytes.unwrap_or(self.memory_bytes),
+            pids: o.pids.unwrap_or(self.pids),
+            cpu_millis: o.cpu_millis.unwrap_or(self.cpu_millis),
+            tmp_bytes: o.tmp_bytes.unwrap_or(self.tmp_bytes),
+            nofile: o.nofile.unwrap_or(self.nofile),
+            fsize_bytes: o.fsize_bytes.unwrap_or(self.fsize_bytes),
+        }
+    }
+
+    /// The limits in the sandbox library's terms (`tmp_bytes` goes in the spec).
+    pub fn sandbox(&self) -> sandbox::Limits {
+        sandbox::Limits {
+            memory_bytes: self.memory_bytes,
+            pids: self.pids,
+            cpu_millis: self.cpu_millis,
+            nofile: self.nofile,
+            fsize_bytes: self.fsize_bytes,
+        }
+    }
+
+    /// Checks the values against what a sandbox can run with; `what` names their origin.
+    pub fn check(&self, what: &str) -> Result<(), String> {
+        if self.memory_bytes < MIN_MEMORY {
+            return Err(format!(
+                "{what}: memory {} is below the minimum of {} (the sandbox's own init needs some)",
+                format_bytes(self.memory_bytes),
+                format_bytes(MIN_MEMORY)
+            ));
+        }
+        if self.pids > MAX_PIDS {
+            return Err(format!(
+                "{what}: pids {} is above the kernel's maximum of {MAX_PIDS}",
+                self.pids
+            ));
+        }
+        if self.cpu_millis > 1_024_000 {
+            return Err(format!(
+                "{what}: cpu {} cores is above the maximum of 1024",
+                self.cpu_millis as f64 / 1000.0
+            ));
+        }
+        if self.nofile < 16 || self.nofile > 1 << 20 {
+            return Err(format!(
+                "{what}: nofile {} must be between 16 and 1048576",
+                self.nofile
+            ));
+        }
+        if self.tmp_bytes < 4096 {
+            return Err(format!(
+                "{what}: tmp {} must be at least 4 KiB",
+                self.tmp_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The smallest memory limit accepted.
+pub const MIN_MEMORY: u64 = 8 << 20;
+
+/// The largest pids limit accepted (the kernel's `PID_MAX_LIMIT`).
+pub const MAX_PIDS: u64 = 4 << 20;
+
+/// Limits set by one layer (config defaults, a grain table, the command line).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitOverrides {
+    /// Memory limit in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Task limit.
+    pub pids: Option<u64>,
+    /// CPU quota in thousandths of a core.
+    pub cpu_millis: Option<u64>,
+    /// `/tmp` size.
+    pub tmp_bytes: Option<u64>,
+    /// Open-file limit.
+    pub nofile: Option<u64>,
+    /// Largest writable file.
+    pub fsize_bytes: Option<u64>,
+}
+
+/// A size in bytes: an integer, or a string with a binary unit: `"512MiB"`, `"64M"`,
+/// `"1G"`, `"4096"` (K, M, G and T are powers of 1024, with or without `iB`/`B`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size: bytes as an integer, or a string like \"512MiB\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("size {v} is negative")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                parse_size(v).map(ByteSize).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `"512MiB"`, `"64M"`, `"1g"`, `"4096"` into bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("size {text:?}: expected a number of bytes with an optional unit like 512MiB")
+    })?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "size {text:?}: unknown unit {other:?} (use K, M, G or T)"
+            ));
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// `536870912` → `"512 MiB"`.
+pub fn format_bytes(n: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", n >> shift);
+        }
+    }
+    if n >= 1 << 20 {
+        return format!("{:.1} MiB", n as f64 / f64::from(1u32 << 20));
+    }
+    format!("{n} B")
+}
+
+/// A CPU quota in cores (`0.5`, `2`), held as thousandths of a core; 0 = unlimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cpu(pub u64);
+
+impl<'de> Deserialize<'de> for Cpu {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let cores = f64::deserialize(d)?;
+        parse_cpu(cores).map(Cpu).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Cores (`0.5`) to thousandths of a core, refusing negative, non-finite and absurd
+/// values and quotas below 1% of a core.
+pub fn parse_cpu(cores: f64) -> Result<u64, String> {
+    if !cores.is_finite() || !(0.0..=1024.0).contains(&cores) {
+        return Err(format!(
+            "cpu {cores}: expected cores between 0 (unlimited) and 1024"
+        ));
+    }
+    let millis = (cores * 1000.0).round() as u64;
+    if cores > 0.0 && millis < 10 {
+        return Err(format!("cpu {cores}: the smallest quota is 0.01 cores"));
+    }
+    Ok(millis)
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -345,6 +735,14 @@ impl Config {
         }
         if let Some(p) = config.daemon.driver_host.as_mut() {
             abs(p);
+        }
+        if let Some(p) = config.daemon.sandbox_helper.as_mut() {
+            abs(p);
+        }
+        for g in config.grains.by_id.values_mut() {
+            if let Some(p) = g.app.as_mut() {
+                abs(p);
+            }
         }
         config.validate()?;
         Ok(config)
@@ -437,19 +835,89 @@ impl Config {
                     .map_err(|e| self.invalid(format!("{at}.policy[{j}]: {e}")))?;
             }
         }
-        for (id, g) in &self.grains {
+        let d = &self.daemon;
+        let parent_ok = !d.cgroup_parent.is_empty()
+            && d.cgroup_parent.len() <= 64
+            && !d.cgroup_parent.starts_with('.')
+            && d.cgroup_parent
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !parent_ok {
+            return Err(self.invalid(format!(
+                "daemon.cgroup_parent {:?} must be 1-64 of [A-Za-z0-9._-], not starting with '.'",
+                d.cgroup_parent
+            )));
+        }
+        if d.sandbox_uid_base < 1000
+            || d.sandbox_uid_count == 0
+            || d.sandbox_uid_base
+                .checked_add(d.sandbox_uid_count)
+                .is_none()
+        {
+            return Err(self.invalid(format!(
+                "daemon.sandbox_uid_base {} / sandbox_uid_count {}: the range must start at 1000 \
+                 or above, hold at least one id and end below 2^32 (choose ids no host account \
+                 uses, such as 100000-165535)",
+                d.sandbox_uid_base, d.sandbox_uid_count
+            )));
+        }
+        for (name, drv) in &self.drivers {
+            drv.limits()
+                .check(&format!("drivers.{name}"))
+                .map_err(|m| self.invalid(m))?;
+        }
+        let defaults = SandboxLimits::GRAIN_DEFAULT.with(&self.grains.defaults.overrides());
+        defaults
+            .check("grains.defaults")
+            .map_err(|m| self.invalid(m))?;
+        for (id, g) in self.grains.iter() {
             if !valid_name(id) {
                 return Err(self.invalid(format!(
                     "grain id {id:?} must be 1-32 lower-case letters, digits or '-'"
                 )));
             }
-            if g.command.is_empty() {
+            let Some(program) = g.command.first() else {
                 return Err(self.invalid(format!(
                     "grains.{id}.command is empty: give the program and its arguments"
                 )));
+            };
+            let p = Path::new(program);
+            if p.components().any(|c| matches!(c, Component::ParentDir)) || program.is_empty() {
+                return Err(self.invalid(format!(
+                    "grains.{id}.command: program {program:?} must not be empty or contain '..'"
+                )));
             }
+            if p.is_relative() && g.app.is_none() {
+                return Err(self.invalid(format!(
+                    "grains.{id}.command: program {program:?} is relative to the app tree, but \
+                     grains.{id}.app is not set; set app (mounted read-only at /app) or give an \
+                     absolute path inside the sandbox"
+                )));
+            }
+            defaults
+                .with(&g.overrides())
+                .check(&format!("grains.{id}"))
+                .map_err(|m| self.invalid(m))?;
         }
         Ok(())
+    }
+
+    /// The limits of grain `id` (`None` for an ad-hoc grain) with `extra` (from the
+    /// command line) applied last.
+    pub fn grain_limits(&self, id: Option<&str>, extra: &LimitOverrides) -> SandboxLimits {
+        let mut l = SandboxLimits::GRAIN_DEFAULT.with(&self.grains.defaults.overrides());
+        if let Some(g) = id.and_then(|id| self.grains.get(id)) {
+            l = l.with(&g.overrides());
+        }
+        l.with(extra)
+    }
+
+    /// Whether grain `id` gets the host's system directories read-only.
+    pub fn grain_system_binds(&self, id: Option<&str>) -> bool {
+        id.and_then(|id| self.grains.get(id))
+            .and_then(|g| g.system_binds)
+            .or(self.grains.defaults.system_binds)
+            .unwrap_or(true)
     }
 
     /// The directory relative plugin paths are resolved against.
@@ -477,6 +945,14 @@ impl Config {
             .driver_host
             .clone()
             .unwrap_or_else(|| exe_dir().join("capnet-driver-host"))
+    }
+
+    /// The sandbox setup helper executable.
+    pub fn sandbox_helper(&self) -> PathBuf {
+        self.daemon
+            .sandbox_helper
+            .clone()
+            .unwrap_or_else(|| exe_dir().join("capnet-sandbox"))
     }
 }
 
@@ -553,21 +1029,158 @@ mod tests {
     #[test]
     fn bridge_key_wraps_the_command() {
         let c = Config::parse(
-            "[grains.a]\ncommand = [\"app\", \"-v\"]\nbridge = true\n\
-             [grains.b]\ncommand = [\"app\"]\nbridge = [\"--grant\", \"network\"]\n\
-             [grains.c]\ncommand = [\"app\"]\nbridge = false\n",
+            "[grains.a]\ncommand = [\"/usr/bin/app\", \"-v\"]\nbridge = true\n\
+             [grains.b]\ncommand = [\"/usr/bin/app\"]\nbridge = [\"--grant\", \"network\"]\n\
+             [grains.c]\ncommand = [\"/usr/bin/app\"]\nbridge = false\n",
             Path::new("/etc/capnet/capnet.toml"),
         )
         .expect("parse");
         let exe = Path::new("/usr/bin/capnet-bridge");
         assert_eq!(
             c.grains["a"].command_line(exe),
-            ["/usr/bin/capnet-bridge", "--", "app", "-v"]
+            ["/usr/bin/capnet-bridge", "--", "/usr/bin/app", "-v"]
         );
         assert_eq!(
             c.grains["b"].command_line(exe),
-            ["/usr/bin/capnet-bridge", "--grant", "network", "--", "app"]
+            [
+                "/usr/bin/capnet-bridge",
+                "--grant",
+                "network",
+                "--",
+                "/usr/bin/app"
+            ]
         );
-        assert_eq!(c.grains["c"].command_line(exe), ["app"]);
+        assert_eq!(c.grains["c"].command_line(exe), ["/usr/bin/app"]);
+    }
+
+    /// `[grains.defaults]` is not a grain; limits resolve built-in default →
+    /// `[grains.defaults]` → `[grains.ID]` → the start request, and sizes accept units.
+    #[test]
+    fn grain_limits_resolve_in_layers() {
+        let text = "[grains.defaults]\nmemory = \"128MiB\"\npids = 32\nsystem_binds = false\n\
+                    [grains.web]\napp = \"web\"\ncommand = [\"bin/server\"]\ncpu = 0.5\n\
+                    memory = 268435456\nsystem_binds = true\n";
+        let c = Config::parse(text, Path::new("/etc/capnet/c.toml")).expect("ok");
+        assert_eq!(c.grains.len(), 1);
+        let web = c.grains.get("web").expect("web");
+        assert_eq!(web.app.as_deref(), Some(Path::new("/etc/capnet/web")));
+        let l = c.grain_limits(Some("web"), &LimitOverrides::default());
+        assert_eq!((l.memory_bytes, l.pids, l.cpu_millis), (256 << 20, 32, 500));
+        assert_eq!(l.tmp_bytes, SandboxLimits::GRAIN_DEFAULT.tmp_bytes);
+        let adhoc = c.grain_limits(
+            None,
+            &LimitOverrides {
+                pids: Some(7),
+                ..Default::default()
+            },
+        );
+        assert_eq!((adhoc.memory_bytes, adhoc.pids), (128 << 20, 7));
+        assert!(c.grain_system_binds(Some("web")));
+        assert!(!c.grain_system_binds(None));
+    }
+
+    /// Bad limit values are refused at load time, naming the key and, for malformed
+    /// values, the line.
+    #[test]
+    fn bad_limits_are_refused() {
+        let err = Config::parse(
+            "[grains.defaults]\nmemory = \"12 parsecs\"\n",
+            Path::new("c.toml"),
+        )
+        .expect_err("unit");
+        assert!(err.to_string().starts_with("c.toml:2:"), "{err}");
+        assert!(err.to_string().contains("parsecs"), "{err}");
+        let err =
+            Config::parse("[grains.defaults]\ncpu = -1\n", Path::new("c.toml")).expect_err("cpu");
+        assert!(err.to_string().contains("cpu -1"), "{err}");
+        let err =
+            Config::parse("[grains.defaults]\npids = 0\n", Path::new("c.toml")).expect_err("pids");
+        assert!(err.to_string().starts_with("c.toml:2:"), "{err}");
+        let err = Config::parse(
+            "[grains.x]\ncommand = [\"/bin/true\"]\nmemory = \"1M\"\n",
+            Path::new("c.toml"),
+        )
+        .expect_err("tiny");
+        assert!(err.to_string().contains("grains.x: memory 1 MiB"), "{err}");
+        let err = Config::parse("[grains.x]\ncommand = [\"bin/x\"]\n", Path::new("c.toml"))
+            .expect_err("relative without app");
+        assert!(err.to_string().contains("grains.x.app is not set"), "{err}");
+        let err = Config::parse(
+            "[grains.x]\ncommand = [\"/bin/true\"]\nmemroy = 1\n",
+            Path::new("c.toml"),
+        )
+        .expect_err("typo");
+        assert!(err.to_string().contains("memroy"), "{err}");
+        let err = Config::parse(
+            "[drivers.t]\nplugin = \"t.so\"\nmemory = \"2MiB\"\n",
+            Path::new("c.toml"),
+        )
+        .expect_err("driver memory");
+        assert!(err.to_string().contains("drivers.t: memory 2 MiB"), "{err}");
+        let huge = SandboxLimits::GRAIN_DEFAULT.with(&LimitOverrides {
+            pids: Some(u64::MAX),
+            ..Default::default()
+        });
+        assert!(
+            huge.check("request").is_err(),
+            "pids beyond the kernel's limit"
+        );
+        let huge = SandboxLimits::GRAIN_DEFAULT.with(&LimitOverrides {
+            cpu_millis: Some(u64::MAX),
+            ..Default::default()
+        });
+        assert!(huge.check("request").is_err(), "cpu beyond 1024 cores");
+        let err = Config::parse("[daemon]\nsandbox_uid_base = 0\n", Path::new("c.toml"))
+            .expect_err("uid 0");
+        assert!(err.to_string().contains("sandbox_uid_base 0"), "{err}");
+        let err = Config::parse("[daemon]\ncgroup_parent = \"../x\"\n", Path::new("c.toml"))
+            .expect_err("cgroup parent");
+        assert!(err.to_string().contains("cgroup_parent"), "{err}");
+    }
+
+    /// Sizes: integers are bytes; K/M/G/T (with or without iB/B) are powers of 1024.
+    #[test]
+    fn sizes_parse_and_format() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2kb"), Ok(2048));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(format_bytes(512 << 20), "512 MiB");
+        assert_eq!(format_bytes(1536 << 10), "1536 KiB");
+        assert_eq!(format_bytes(100), "100 B");
+        assert_eq!(parse_cpu(1.5), Ok(1500));
+        assert_eq!(parse_cpu(0.0), Ok(0));
+        assert!(parse_cpu(0.001).is_err());
+        assert!(parse_cpu(f64::NAN).is_err());
+    }
+
+    /// The shipped example configs parse, and the values `config/capnet.toml` spells out
+    /// for `[grains.defaults]` and the sandbox keys are the real built-in defaults, so
+    /// the administrator's documentation cannot drift from the code.
+    #[test]
+    fn shipped_configs_parse_and_document_the_defaults() {
+        let example = Config::parse(
+            include_str!("../../config/capnet.toml"),
+            Path::new("/etc/capnet/capnet.toml"),
+        )
+        .expect("config/capnet.toml");
+        assert_eq!(
+            example.grain_limits(None, &LimitOverrides::default()),
+            SandboxLimits::GRAIN_DEFAULT
+        );
+        assert!(example.grain_system_binds(None));
+        let d = DaemonConfig::default();
+        assert_eq!(example.daemon.cgroup_parent, d.cgroup_parent);
+        assert_eq!(example.daemon.sandbox_uid_base, d.sandbox_uid_base);
+        assert_eq!(example.daemon.sandbox_uid_count, d.sandbox_uid_count);
+        Config::parse(
+            include_str!("../../config/demo.toml"),
+            Path::new("config/demo.toml"),
+        )
+        .expect("config/demo.toml");
     }
 }

@@ -19,6 +19,8 @@ use crate::drivers::DriverManager;
 use crate::grains::GrainManager;
 use crate::grants::GrantTable;
 use crate::powerbox::Powerbox;
+use crate::sandbox::SpawnerError;
+use crate::sandboxes::Sandboxes;
 use crate::state::{State, StateError};
 
 /// Exit codes of `capnetd`.
@@ -52,6 +54,12 @@ pub enum DaemonError {
     /// The state database could not be opened.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The sandbox spawner (helper image, cgroups, spawner thread) could not be set up.
+    #[error("cannot set up sandboxes: {0}")]
+    Sandboxes(#[from] SpawnerError),
+    /// The driver host executable could not be loaded.
+    #[error(transparent)]
+    DriverHost(#[from] crate::drivers::DriverHostImageError),
 }
 
 /// Runs the daemon until `shutdown` resolves or an administrator asks it to stop.
@@ -65,6 +73,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     })?;
     let state = State::open(&state_dir.join("state.db"))?;
     let audit = Audit::with_state(state.clone());
+    // One spawner for every sandbox of this daemon; dropped last, when `run` returns, which
+    // (through PR_SET_PDEATHSIG on its thread) takes down any sandbox still alive.
+    let sandboxes = Sandboxes::new(&config)?;
 
     // Driver events are audited with the grain of their grant, looked up at arrival.
     let grants_cell: Rc<std::cell::OnceCell<GrantTable>> = Rc::default();
@@ -92,7 +103,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             });
         })
     };
-    let drivers = DriverManager::new(&config, audit.clone(), events);
+    let drivers = DriverManager::new(&config, audit.clone(), events, sandboxes.clone())?;
     let grants = GrantTable::load(drivers.clone(), audit.clone(), state.clone()).await?;
     let _ = grants_cell.set(grants.clone());
     let powerbox = Powerbox::new(config.daemon.request_timeout(), audit.clone());
@@ -101,6 +112,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         powerbox.clone(),
         grants.clone(),
         audit.clone(),
+        sandboxes.clone(),
     );
     let housekeeping = tokio::task::spawn_local(housekeeping(
         grants.clone(),
@@ -163,6 +175,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     housekeeping.abort();
     grains.stop_all(stop_grace).await;
     drivers.stop_all().await;
+    sandboxes.remove_parent_if_empty();
     let _ = std::fs::remove_file(&socket_path);
     audit.record(AuditRecord::new("daemon_stopped"));
     audit.flush();

@@ -7,6 +7,12 @@
 //! * fd 5 — a status pipe: one JSON line, [`HostStatus`], says whether the plugin loaded
 //!   and what it is, before the plugin starts serving.
 //!
+//! It runs inside a driver-host sandbox (see `crate::drivers`). Once the plugin is loaded
+//! and identified — and before a single call reaches it — the host locks itself down
+//! with [`crate::sandbox::seccomp::lock_down_driver_host`]: from then on no thread can
+//! exec, open a file for writing, create, link, rename or remove files, or create a
+//! memfd. A host that cannot lock itself down refuses to serve.
+//!
 //! `capnet-driver-host --inspect FILE` loads a plugin the same way and prints its identity
 //! as JSON, for `capnet driver inspect`.
 
@@ -66,7 +72,13 @@ pub fn serve_main(display: PathBuf) -> i32 {
     };
     let mut status = std::fs::File::from(status_fd);
     let load_path = PathBuf::from(format!("/proc/self/fd/{PLUGIN_FD}"));
-    let loaded = load(&load_path, &display);
+    let loaded = load(&load_path, &display).and_then(|(p, id)| {
+        // The plugin's code is mapped; nothing may be executed or written from here on.
+        crate::sandbox::seccomp::lock_down_driver_host().map_err(|e| {
+            format!("cannot lock down the driver host after loading the plugin: {e}")
+        })?;
+        Ok((p, id))
+    });
     let (line, result) = match loaded {
         Ok((p, id)) => (
             HostStatus {

@@ -7,14 +7,29 @@
 //! status pipe whether the plugin loaded before it starts serving; a refusal there is
 //! permanent and reported with the host's message (which names the file and what was
 //! expected).
+//!
+//! Each host runs in a sandbox of role [`Role::DriverHost`] (see `docs/sandbox.md`): the
+//! `capnet-driver-host` program itself is executed from a sealed memfd read once at
+//! daemon start; the host stays in the host network namespace, sees the system library
+//! directories and, read-only, `/etc/resolv.conf`, `/etc/hosts` and the CA
+//! certificates; it runs as its own unprivileged host id with no capabilities, under the
+//! `[drivers.NAME]` `memory`/`pids`/`cpu`/`nofile` limits; stdout and stderr go to
+//! `<state_dir>/drivers/NAME.log`. Once the plugin is loaded the host locks itself down
+//! (no exec, no opening files for writing; [`crate::driver_host`]).
+//!
+//! Privileged ports: capabilities inside the sandbox belong to its own user namespace,
+//! which does not own the host network namespace, so a driver host can never bind a
+//! port below 1024 itself. A driver that must listen on one needs the supervisor to
+//! bind the socket and pass it in (not implemented; `low_ports` approvals are refused
+//! by the kernel at bind time).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capnet_driver_api::Privileges;
@@ -25,15 +40,23 @@ use capnet_schemas::rpc::two_party;
 use capnp_rpc::rpc_twoparty_capnp::Side;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
+use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 
 use crate::audit::{Audit, AuditRecord};
-use crate::config::{Config, DriverConfig};
+use crate::config::{Config, DriverConfig, SandboxLimits, format_bytes};
 use crate::driver_host::{self, HostStatus};
+use crate::sandbox::{
+    ExitReason, HelperImage, HelperImageError, Program, Role, SandboxExit, SandboxSpec, Sandboxed,
+    SpawnError,
+};
+use crate::sandboxes::{self, LiveId, Sandboxes};
 use crate::sys::plugin::PluginIdentity;
-use crate::sys::process::{ChildFds, configure};
-use sha2::{Digest, Sha256};
-use std::path::Path;
+
+/// The driver host executable could not be read into its sealed memfd.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load the driver host executable (set daemon.driver_host in the config): {0}")]
+pub struct DriverHostImageError(#[from] HelperImageError);
 
 /// How long a driver host may take to load its plugin and answer `start`.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -139,6 +162,10 @@ pub struct DriverManager {
 struct Inner {
     slots: RefCell<BTreeMap<String, Rc<Slot>>>,
     host_exe: PathBuf,
+    /// `capnet-driver-host`, read once at start into a sealed memfd; every host is
+    /// executed from a duplicate of it.
+    host_image: OwnedFd,
+    sandboxes: Sandboxes,
     log_dir: PathBuf,
     max_crashes: u32,
     crash_window: Duration,
@@ -176,17 +203,27 @@ pub struct Reconciled {
 }
 
 impl DriverManager {
-    /// A manager for the drivers of `config`. Nothing starts until [`start_all`].
-    pub fn new(config: &Config, audit: Audit, events: EventHandler) -> Self {
+    /// A manager for the drivers of `config`, sandboxed by `sandboxes`. Reads the driver
+    /// host executable once. Nothing starts until [`start_all`].
+    pub fn new(
+        config: &Config,
+        audit: Audit,
+        events: EventHandler,
+        sandboxes: Sandboxes,
+    ) -> Result<Self, DriverHostImageError> {
+        let host_exe = config.driver_host();
+        let host_image = OwnedFd::from(HelperImage::load_named(&host_exe, c"capnet-driver-host")?);
         let slots = config
             .drivers
             .iter()
             .map(|(name, d)| (name.clone(), new_slot(config, name, d)))
             .collect();
-        Self {
+        Ok(Self {
             inner: Rc::new(Inner {
                 slots: RefCell::new(slots),
-                host_exe: config.driver_host(),
+                host_exe,
+                host_image,
+                sandboxes,
                 log_dir: config.daemon.state_dir.join("drivers"),
                 max_crashes: config.daemon.max_driver_crashes,
                 crash_window: Duration::from_secs(config.daemon.crash_window_secs),
@@ -195,7 +232,7 @@ impl DriverManager {
                 audit,
                 events,
             }),
-        }
+        })
     }
 
     /// Brings the running drivers in line with `config`: starts new ones, stops removed
@@ -260,41 +297,67 @@ impl DriverManager {
         })?;
         let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| format!("pipe failed: {e}"))?;
-        let mut child = spawn_host(
-            &self.inner,
-            &["--inspect-fd".as_ref(), path.as_os_str()],
-            vec![
+        // The same sandbox as a serving driver host, with a socket nobody answers.
+        let (_unused, rpc) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| format!("socketpair failed: {e}"))?;
+        let image = self
+            .inner
+            .host_image
+            .try_clone()
+            .map_err(|e| format!("cannot duplicate the driver host image: {e}"))?;
+        let host_id = self
+            .inner
+            .sandboxes
+            .transient_id()
+            .map_err(|e| e.to_string())?;
+        let limits = SandboxLimits::DRIVER_DEFAULT;
+        let spec = SandboxSpec {
+            id: format!("inspect-{}", &sha256[..12]),
+            role: Role::DriverHost,
+            program: Program::Fd(image),
+            args: vec!["--inspect-fd".to_string(), path.display().to_string()],
+            env: Vec::new(),
+            app_dir: None,
+            var_dir: None,
+            ro_binds: SandboxSpec::system_binds(),
+            tmp_size_bytes: limits.tmp_bytes,
+            limits: limits.sandbox(),
+            host_uid: host_id.uid(),
+            host_gid: host_id.uid(),
+            rpc_fd: OwnedFd::from(rpc),
+            extra_fds: vec![
                 (memfd, driver_host::PLUGIN_FD),
                 (out_w, driver_host::STATUS_FD),
             ],
-            Stdio::null(),
-            Stdio::null(),
-        )
-        .map_err(|e| {
-            format!(
-                "cannot start the driver host {}: {e}",
-                self.inner.host_exe.display()
-            )
-        })?;
+            log_fd: None,
+            ambient_caps: Vec::new(),
+        };
+        let sb = self
+            .inner
+            .sandboxes
+            .spawn(spec)
+            .await
+            .map_err(|e| format!("cannot start the inspection sandbox: {e}"))?;
         let read = tokio::task::spawn_blocking(move || {
             let mut text = String::new();
             let _ = std::fs::File::from(out_r).read_to_string(&mut text);
             text
         });
-        let text = match tokio::time::timeout(START_TIMEOUT, read).await {
+        let text = tokio::time::timeout(START_TIMEOUT, read).await;
+        if text.is_err() {
+            sb.kill_helper();
+        }
+        let exit = end_host(sb, host_id).await;
+        let text = match text {
             Ok(Ok(t)) => t,
-            _ => {
-                let _ = child.start_kill();
-                return Err(format!("inspecting {} timed out", path.display()));
-            }
+            _ => return Err(format!("inspecting {} timed out", path.display())),
         };
-        let status = child.wait().await;
         if text.trim().is_empty() {
             return Err(format!(
                 "{}: the inspection helper died while loading the plugin ({}); it is not a \
                  working capnet driver plugin",
                 path.display(),
-                describe_exit(status)
+                describe_exit(exit.as_ref(), "inspect", limits.memory_bytes)
             ));
         }
         let st: HostStatus = serde_json::from_str(text.trim())
@@ -433,7 +496,10 @@ impl DriverManager {
 /// Stops a driver's host and waits (up to 5 s) until it is down.
 async fn stop_slot(slot: &Slot) {
     slot.stopping.set(true);
-    slot.stop.notify_waiters();
+    // notify_one keeps the wake-up for a supervising task that is not waiting right now
+    // (one still starting its host): a stop is never lost, so the host's sandbox is
+    // always torn down.
+    slot.stop.notify_one();
     let mut rx = slot.changed.subscribe();
     while !matches!(
         *slot.state.borrow(),
@@ -491,8 +557,18 @@ enum StartError {
 
 struct Host {
     running: Running,
-    child: tokio::process::Child,
+    sandbox: Arc<Sandboxed>,
+    /// The host id, released once the sandbox is torn down.
+    host_id: LiveId,
     rpc_done: tokio::sync::oneshot::Receiver<String>,
+}
+
+/// Kills what is left of a host's sandbox and removes it; returns its exit.
+async fn end_host(sb: Arc<Sandboxed>, host_id: LiveId) -> Option<SandboxExit> {
+    sb.kill_helper();
+    let exit = sandboxes::teardown(sb).await;
+    drop(host_id);
+    exit
 }
 
 async fn supervise(inner: Rc<Inner>, slot: Rc<Slot>) {
@@ -527,19 +603,25 @@ async fn supervise(inner: Rc<Inner>, slot: Rc<Slot>) {
                         )),
                 );
                 slot.set(SlotState::Running(Box::new(host.running.clone())));
+                let limits = slot.config.limits();
                 let why = tokio::select! {
-                    status = host.child.wait() => describe_exit(status),
+                    status = host.sandbox.wait() => describe_exit(status.ok().as_ref(), &slot.name, limits.memory_bytes),
                     r = &mut host.rpc_done => r.unwrap_or_else(|_| "connection lost".into()),
                     why = health_watch(&host.running.client, inner.health_interval, inner.health_timeout) => why,
                     _ = slot.stop.notified() => String::new(),
                 };
-                let _ = host.child.start_kill();
-                let status = host.child.wait().await;
+                let Host {
+                    sandbox, host_id, ..
+                } = host;
+                let status = end_host(sandbox, host_id).await;
                 if slot.stopping.get() {
                     break;
                 }
                 let why = if why == "connection lost" || why.starts_with("the connection") {
-                    format!("{why}; {}", describe_exit(status))
+                    format!(
+                        "{why}; {}",
+                        describe_exit(status.as_ref(), &slot.name, limits.memory_bytes)
+                    )
                 } else {
                     why
                 };
@@ -595,20 +677,23 @@ async fn supervise(inner: Rc<Inner>, slot: Rc<Slot>) {
     slot.set(SlotState::Stopped);
 }
 
-fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Err(e) => format!("waiting for the driver host failed: {e}"),
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(101), _) => "the plugin panicked (driver host exit status 101)".into(),
-            (Some(0), _) => "the driver host exited".into(),
-            (Some(c), _) => format!("the driver host exited with status {c}"),
-            (None, Some(sig)) => format!(
-                "the driver host was killed by signal {sig} ({})",
-                signal_name(sig)
-            ),
-            (None, None) => "the driver host ended".into(),
-        },
+fn describe_exit(exit: Option<&SandboxExit>, name: &str, memory_limit: u64) -> String {
+    let Some(exit) = exit else {
+        return "the driver host ended; its exit status could not be read".into();
+    };
+    match exit.reason {
+        ExitReason::Exited(101) => "the plugin panicked (driver host exit status 101)".into(),
+        ExitReason::Exited(0) => "the driver host exited".into(),
+        ExitReason::Exited(c) => format!("the driver host exited with status {c}"),
+        ExitReason::Signaled(sig) => format!(
+            "the driver host was killed by signal {sig} ({})",
+            signal_name(sig)
+        ),
+        ExitReason::OomKilled => format!(
+            "the driver host was killed by the kernel's OOM killer (oom) at its memory limit \
+             of {}; raise drivers.{name}.memory if the load is legitimate",
+            format_bytes(memory_limit)
+        ),
     }
 }
 
@@ -679,30 +764,6 @@ fn sealed_plugin(slot: &Slot) -> Result<OwnedFd, StartError> {
     sealed_bytes(&bytes)
 }
 
-/// Starts `capnet-driver-host ARGS` with `fds` at their numbers, stdout/stderr as given.
-fn spawn_host(
-    inner: &Inner,
-    args: &[&std::ffi::OsStr],
-    fds: Vec<(OwnedFd, i32)>,
-    stdout: Stdio,
-    stderr: Stdio,
-) -> std::io::Result<tokio::process::Child> {
-    let fds = ChildFds::new(fds)?;
-    let mut cmd = tokio::process::Command::new(&inner.host_exe);
-    cmd.args(args)
-        .env_clear()
-        .env(
-            "CAPNET_LOG",
-            std::env::var("CAPNET_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .kill_on_drop(true);
-    configure(&mut cmd, fds, true);
-    cmd.spawn()
-}
-
 async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartError> {
     let plugin_fd = sealed_plugin(slot)?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()
@@ -713,90 +774,216 @@ async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartErr
         StartError::Transient(format!("cannot create {}: {e}", inner.log_dir.display()))
     })?;
     let log_path = inner.log_dir.join(format!("{}.log", slot.name));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| StartError::Transient(format!("cannot open {}: {e}", log_path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(|e| StartError::Transient(format!("dup of the log failed: {e}")))?;
-
-    let plugin_arg = slot.plugin.clone();
-    let mut child = spawn_host(
-        inner,
-        &["--plugin".as_ref(), plugin_arg.as_os_str()],
-        vec![
-            (OwnedFd::from(theirs), driver_host::RPC_FD),
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(|e| {
+                StartError::Transient(format!("cannot open {}: {e}", log_path.display()))
+            })?
+    };
+    ours.set_nonblocking(true)
+        .map_err(|e| StartError::Transient(format!("socket setup failed: {e}")))?;
+    let stream = tokio::net::UnixStream::from_std(ours)
+        .map_err(|e| StartError::Transient(format!("socket setup failed: {e}")))?;
+    let image = inner.host_image.try_clone().map_err(|e| {
+        StartError::Transient(format!("cannot duplicate the driver host image: {e}"))
+    })?;
+    let host_id = inner
+        .sandboxes
+        .transient_id()
+        .map_err(|e| StartError::Transient(e.to_string()))?;
+    let limits = slot.config.limits();
+    let spec = SandboxSpec {
+        id: slot.name.clone(),
+        role: Role::DriverHost,
+        program: Program::Fd(image),
+        args: vec!["--plugin".to_string(), slot.plugin.display().to_string()],
+        env: vec![(
+            "CAPNET_LOG".to_string(),
+            std::env::var("CAPNET_LOG").unwrap_or_else(|_| "info".into()),
+        )],
+        app_dir: None,
+        var_dir: None,
+        ro_binds: SandboxSpec::system_binds(),
+        tmp_size_bytes: limits.tmp_bytes,
+        limits: limits.sandbox(),
+        host_uid: host_id.uid(),
+        host_gid: host_id.uid(),
+        rpc_fd: OwnedFd::from(theirs),
+        extra_fds: vec![
             (plugin_fd, driver_host::PLUGIN_FD),
             (status_w, driver_host::STATUS_FD),
         ],
-        Stdio::from(log),
-        Stdio::from(log2),
-    )
-    .map_err(|e| {
-        StartError::Permanent(format!(
-            "cannot start the driver host {}: {e}; set daemon.driver_host in the config",
+        log_fd: Some(OwnedFd::from(log)),
+        ambient_caps: Vec::new(),
+    };
+    let sb = inner.sandboxes.spawn(spec).await.map_err(|e| match e {
+        SpawnError::InvalidSpec(_) | SpawnError::Path(_) => StartError::Permanent(format!(
+            "cannot build the sandbox of driver host {}: {e}",
             inner.host_exe.display()
-        ))
+        )),
+        other => StartError::Transient(format!("cannot start the driver host sandbox: {other}")),
     })?;
-    let pid = child.id().map_or(0, |p| p as i32);
+    let pid = sb.pid;
+    match handshake(inner, slot, stream, status_r).await {
+        Ok((client, identity, rpc_done)) => {
+            slot.generation.set(slot.generation.get() + 1);
+            Ok(Host {
+                running: Running {
+                    client,
+                    generation: slot.generation.get(),
+                    pid,
+                    since: Instant::now(),
+                    identity,
+                },
+                sandbox: sb,
+                host_id,
+                rpc_done,
+            })
+        }
+        Err(f) => {
+            // A host that failed on its own (refused plugin, crash) is given a moment to
+            // exit, so its real exit status is reported rather than our SIGKILL.
+            if f.host_ends {
+                let _ = tokio::time::timeout(HOST_EXIT_WAIT, sb.wait()).await;
+            }
+            let exit = end_host(sb, host_id).await;
+            let message = if f.with_exit {
+                format!(
+                    "{}: {}",
+                    f.message,
+                    describe_exit(exit.as_ref(), &slot.name, limits.memory_bytes)
+                )
+            } else {
+                f.message
+            };
+            Err(if f.permanent {
+                StartError::Permanent(message)
+            } else {
+                StartError::Transient(message)
+            })
+        }
+    }
+}
 
-    // The status line, read on a blocking thread (the host closes the pipe after it).
+/// How long a host that failed by itself gets to exit before it is killed.
+const HOST_EXIT_WAIT: Duration = Duration::from_secs(2);
+
+/// Why a started host could not be brought into service.
+struct HandshakeFailure {
+    permanent: bool,
+    message: String,
+    /// Append the host's exit to the message.
+    with_exit: bool,
+    /// The host is expected to exit by itself.
+    host_ends: bool,
+}
+
+impl HandshakeFailure {
+    fn new(permanent: bool, message: String) -> Self {
+        Self {
+            permanent,
+            message,
+            with_exit: false,
+            host_ends: false,
+        }
+    }
+}
+
+/// Reads the host's status line, checks the plugin's privileges and calls
+/// `Driver.start`.
+async fn handshake(
+    inner: &Rc<Inner>,
+    slot: &Rc<Slot>,
+    stream: tokio::net::UnixStream,
+    status_r: OwnedFd,
+) -> Result<
+    (
+        driver::Client,
+        PluginIdentity,
+        tokio::sync::oneshot::Receiver<String>,
+    ),
+    HandshakeFailure,
+> {
+    // The status line, read on a blocking thread: one line, then the host closes the
+    // pipe (end-of-file also if it dies).
     let status = tokio::task::spawn_blocking(move || {
-        let mut text = String::new();
+        let mut text = Vec::new();
         let mut f = std::fs::File::from(status_r);
-        let _ = f.read_to_string(&mut text);
-        text
+        let mut buf = [0u8; 4096];
+        while !text.contains(&b'\n') && text.len() < 1 << 20 {
+            match f.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => text.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&text).into_owned()
     });
     let text = match tokio::time::timeout(START_TIMEOUT, status).await {
         Ok(Ok(t)) => t,
         _ => {
-            let _ = child.start_kill();
-            return Err(StartError::Transient(format!(
-                "the driver host did not report within {}s",
-                START_TIMEOUT.as_secs()
-            )));
+            return Err(HandshakeFailure::new(
+                false,
+                format!(
+                    "the driver host did not report within {}s",
+                    START_TIMEOUT.as_secs()
+                ),
+            ));
         }
     };
-    if text.trim().is_empty() {
-        let st = child.wait().await;
-        return Err(StartError::Transient(format!(
-            "the driver host died while loading the plugin: {}",
-            describe_exit(st)
-        )));
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        return Err(HandshakeFailure {
+            with_exit: true,
+            host_ends: true,
+            ..HandshakeFailure::new(
+                false,
+                "the driver host died while loading the plugin".to_string(),
+            )
+        });
     }
-    let status: HostStatus = serde_json::from_str(text.trim()).map_err(|e| {
-        StartError::Transient(format!("the driver host sent a malformed status: {e}"))
+    let status: HostStatus = serde_json::from_str(line).map_err(|e| {
+        HandshakeFailure::new(
+            false,
+            format!("the driver host sent a malformed status: {e}"),
+        )
     })?;
     let identity = match (status.ok, status.identity, status.error) {
         (true, Some(id), _) => id,
         (_, _, err) => {
-            let _ = child.wait().await;
-            return Err(StartError::Permanent(
-                err.unwrap_or_else(|| "the plugin was refused".into()),
-            ));
+            return Err(HandshakeFailure {
+                host_ends: true,
+                ..HandshakeFailure::new(
+                    true,
+                    err.unwrap_or_else(|| "the plugin was refused".into()),
+                )
+            });
         }
     };
     let asked = identity.manifest.privileges;
     let approved = slot.config.privileges.unwrap_or_default();
     let exceeding = asked.exceeding(&approved);
     if !exceeding.is_empty() {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-        return Err(StartError::Permanent(format!(
-            "{}: the plugin's manifest asks for privileges that were not approved: {} (approved: \
-             {}); inspect it and, if you accept them, re-approve it with `capnet driver upgrade \
-             {} {}`",
-            slot.plugin.display(),
-            exceeding.join(", "),
-            match approved.names() {
-                n if n.is_empty() => "none".to_string(),
-                n => n.join(", "),
-            },
-            slot.name,
-            slot.plugin.display()
-        )));
+        return Err(HandshakeFailure::new(
+            true,
+            format!(
+                "{}: the plugin's manifest asks for privileges that were not approved: {} \
+                 (approved: {}); inspect it and, if you accept them, re-approve it with \
+                 `capnet driver upgrade {} {}`",
+                slot.plugin.display(),
+                exceeding.join(", "),
+                match approved.names() {
+                    n if n.is_empty() => "none".to_string(),
+                    n => n.join(", "),
+                },
+                slot.name,
+                slot.plugin.display()
+            ),
+        ));
     }
     let granted = Privileges {
         outbound_tcp: asked.outbound_tcp && approved.outbound_tcp,
@@ -807,10 +994,6 @@ async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartErr
         dns: asked.dns && approved.dns,
     };
 
-    ours.set_nonblocking(true)
-        .map_err(|e| StartError::Transient(format!("socket setup failed: {e}")))?;
-    let stream = tokio::net::UnixStream::from_std(ours)
-        .map_err(|e| StartError::Transient(format!("socket setup failed: {e}")))?;
     let mut rpc = two_party(stream, Side::Client, None);
     let client: driver::Client = rpc.bootstrap(Side::Server);
     let (done_tx, rpc_done) = tokio::sync::oneshot::channel();
@@ -840,48 +1023,33 @@ async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartErr
         for (i, a) in addrs.iter().enumerate() {
             la.set(i as u32, a);
         }
-        write_rule_configs(&slot.config.rules, c.init_policy())
-            .map_err(|e| StartError::Permanent(format!("drivers.{}.rules: {e}", slot.name)))?;
+        write_rule_configs(&slot.config.rules, c.init_policy()).map_err(|e| {
+            HandshakeFailure::new(true, format!("drivers.{}.rules: {e}", slot.name))
+        })?;
     }
     match tokio::time::timeout(START_TIMEOUT, req.send().promise).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) if e.kind == capnp::ErrorKind::Disconnected => {
-            let _ = child.start_kill();
-            let st = child.wait().await;
-            return Err(StartError::Transient(format!(
-                "the driver died while starting: {}",
-                describe_exit(st)
-            )));
-        }
-        Ok(Err(e)) => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(StartError::Permanent(format!(
+        Ok(Ok(_)) => Ok((client, identity, rpc_done)),
+        Ok(Err(e)) if e.kind == capnp::ErrorKind::Disconnected => Err(HandshakeFailure {
+            with_exit: true,
+            host_ends: true,
+            ..HandshakeFailure::new(false, "the driver died while starting".to_string())
+        }),
+        Ok(Err(e)) => Err(HandshakeFailure::new(
+            true,
+            format!(
                 "driver {} refused to start: {}",
                 slot.name,
                 e.extra.trim_start_matches("remote exception: ")
-            )));
-        }
-        Err(_) => {
-            let _ = child.start_kill();
-            return Err(StartError::Transient(format!(
+            ),
+        )),
+        Err(_) => Err(HandshakeFailure::new(
+            false,
+            format!(
                 "the driver did not answer start within {}s",
                 START_TIMEOUT.as_secs()
-            )));
-        }
+            ),
+        )),
     }
-    slot.generation.set(slot.generation.get() + 1);
-    Ok(Host {
-        running: Running {
-            client,
-            generation: slot.generation.get(),
-            pid,
-            since: Instant::now(),
-            identity,
-        },
-        child,
-        rpc_done,
-    })
 }
 
 /// Receives a driver's audit events.

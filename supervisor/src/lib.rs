@@ -13,7 +13,8 @@
 //! * [`audit`] records security-relevant events; [`state`] is the SQLite state database;
 //!   [`persist`] saves and restores capabilities as tokens.
 //! * [`sandbox`] builds the namespaced, cgroup-limited, seccomp-filtered processes that
-//!   grains and driver hosts run in.
+//!   grains and driver hosts run in; [`sandboxes`] is the daemon's use of it (one
+//!   spawner, host ids, blocking work off the RPC thread).
 //! * [`sys`] holds every raw system call and foreign-function call of this crate.
 
 pub mod admin;
@@ -30,6 +31,7 @@ pub mod membrane;
 pub mod persist;
 pub mod powerbox;
 pub mod sandbox;
+pub mod sandboxes;
 pub mod signing;
 pub mod state;
 pub mod sys;

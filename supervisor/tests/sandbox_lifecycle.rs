@@ -41,6 +41,41 @@ fn async_wait_reports_exit() {
     sb.teardown().unwrap();
 }
 
+/// Scenario: a grain closes its fd 3 and keeps running; a driver-host-like sandbox
+/// closes an extra fd (its status pipe) and keeps running.
+/// Promise: the supervisor sees end-of-file on its ends at once — only the program holds
+/// the fds handed to it (the helper and the init close their copies), so a closed status
+/// pipe or RPC socket is never hidden by the sandbox's own stages.
+#[test]
+fn only_the_app_holds_its_fds() {
+    use std::io::Read;
+    let spawner = common::spawner("appfds");
+    let (mut spec, rpc) = common::grain_spec(
+        "appfds",
+        "/bin/sh",
+        &["-c", "exec 3>&- 5>&-; read x </dev/zero; sleep 30"],
+    );
+    let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    spec.extra_fds = vec![(pipe_w, 5)];
+    let sb = spawner.spawn(spec).unwrap();
+    let deadline = Duration::from_secs(5);
+    rpc.set_read_timeout(Some(deadline)).unwrap();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 1];
+    assert_eq!((&rpc).read(&mut buf).expect("EOF, not a timeout"), 0);
+    let mut fds = [PollFd::new(pipe_r.as_fd(), PollFlags::POLLIN)];
+    assert_eq!(
+        poll(&mut fds, PollTimeout::from(5000u16)).unwrap(),
+        1,
+        "pipe EOF"
+    );
+    let mut f = std::fs::File::from(pipe_r);
+    assert_eq!(f.read(&mut buf).unwrap(), 0);
+    assert!(t0.elapsed() < deadline);
+    assert!(sb.try_wait().unwrap().is_none(), "the sandbox still runs");
+    sb.teardown().unwrap();
+}
+
 /// Scenario: `kill -9` of a process that owns a Spawner (the capnet-sandbox-tool, a
 /// stand-in supervisor) while its grain runs forever.
 /// Promise: every process of the sandbox (helper, init, app) dies with it, and its

@@ -31,14 +31,24 @@ fn missing_program_is_a_spawn_error() {
     assert!(err.contains("app: exec"), "{err}");
 }
 
-/// Scenario: a grain writes to /var twice, in two successive sandboxes.
+/// Scenario: a grain writes to /var twice, in two successive sandboxes; its /var lives
+/// under a root-owned 0700 directory, as in capnetd's state directory.
 /// Promise: /var is the grain's persistent, writable host directory (it survives a
-/// restart), while the rest of the tree stays read-only.
+/// restart) even though the sandbox user cannot search the path leading to it, while
+/// the rest of the tree stays read-only.
 #[test]
 fn var_is_writable_and_persistent() {
-    use std::os::unix::fs::chown;
+    use std::os::unix::fs::{PermissionsExt, chown};
     let spawner = common::spawner("var");
-    let var = tempfile::tempdir().unwrap();
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let var = private.path().join("grains/var/var");
+    std::fs::create_dir_all(&var).unwrap();
+    std::fs::set_permissions(
+        private.path().join("grains"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
     let mut uid = 0;
     for round in 0..2 {
         let (mut spec, _rpc) = common::grain_spec(
@@ -51,22 +61,19 @@ fn var_is_writable_and_persistent() {
         );
         if round == 0 {
             uid = spec.host_uid;
-            chown(var.path(), Some(uid), Some(uid)).unwrap();
+            chown(&var, Some(uid), Some(uid)).unwrap();
         }
         spec.host_uid = uid;
         spec.host_gid = uid;
-        spec.var_dir = Some(var.path().to_path_buf());
+        spec.var_dir = Some(var.clone());
         let sb = spawner.spawn(spec).unwrap();
         assert_eq!(sb.wait_blocking().unwrap().reason, ExitReason::Exited(0));
         sb.teardown().unwrap();
     }
-    let text = std::fs::read_to_string(var.path().join("log.txt")).unwrap();
+    let text = std::fs::read_to_string(var.join("log.txt")).unwrap();
     assert_eq!(text, "run\nrun\n");
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(
-        std::fs::metadata(var.path().join("log.txt")).unwrap().uid(),
-        uid
-    );
+    assert_eq!(std::fs::metadata(var.join("log.txt")).unwrap().uid(), uid);
 }
 
 /// Scenario: an administrator grants a driver host CAP_NET_BIND_SERVICE.

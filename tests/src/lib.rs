@@ -40,42 +40,56 @@ pub fn artifact(name: &str) -> PathBuf {
     p
 }
 
+/// A cgroup parent name no other daemon of this machine uses: tests run daemons in
+/// parallel, and two daemons must never share sandbox cgroup names.
+pub fn unique_cgroup_parent() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "capnet-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 /// A running `capnetd` on a private temporary state directory. Stopped when dropped.
 pub struct Daemon {
     dir: tempfile::TempDir,
     child: Option<Child>,
     socket: PathBuf,
     config: PathBuf,
-    extra: Vec<String>,
+    cgroup_parent: String,
+    args: Vec<String>,
 }
 
 impl Daemon {
     /// Starts capnetd with `config` (TOML text; `[daemon] state_dir` and `admin_socket` are
     /// added pointing into the temporary directory) and waits until it accepts admins.
     pub fn start(config: &str) -> Result<Self> {
+        Self::start_with_state(|_| config.to_string())
+    }
+
+    /// Like [`Daemon::start`], with the config made by `config` from the state directory
+    /// the daemon will use (for options that must name it).
+    pub fn start_with_state(config: impl FnOnce(&Path) -> String) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("capnet-test-").tempdir()?;
         let state = dir.path().join("state");
+        let config = config(&state);
+        let config = config.as_str();
         let socket = dir.path().join("admin.sock");
         let config_path = dir.path().join("capnet.toml");
+        let cgroup_parent = unique_cgroup_parent();
+        let daemon_keys = format!(
+            "[daemon]\nstate_dir = {:?}\nadmin_socket = {:?}\ncgroup_parent = {cgroup_parent:?}",
+            state.display().to_string(),
+            socket.display().to_string()
+        );
         let text = if config.contains("[daemon]") {
-            config.replacen(
-                "[daemon]",
-                &format!(
-                    "[daemon]\nstate_dir = {:?}\nadmin_socket = {:?}",
-                    state.display().to_string(),
-                    socket.display().to_string()
-                ),
-                1,
-            )
+            config.replacen("[daemon]", &daemon_keys, 1)
         } else {
-            format!(
-                "[daemon]\nstate_dir = {:?}\nadmin_socket = {:?}\n\n{config}",
-                state.display().to_string(),
-                socket.display().to_string()
-            )
+            format!("{daemon_keys}\n\n{config}")
         };
         std::fs::write(&config_path, text)?;
-        Self::start_with(dir, config_path, socket, &[])
+        Self::start_with(dir, config_path, socket, cgroup_parent, &[])
     }
 
     /// Starts capnetd with a copy of an existing config file (approvals are written into the
@@ -87,19 +101,23 @@ impl Daemon {
         let config = copy.as_path();
         let state = dir.path().join("state");
         let socket = dir.path().join("admin.sock");
+        let cgroup_parent = unique_cgroup_parent();
         let args = [
             "--state-dir".to_string(),
             state.display().to_string(),
             "--socket".to_string(),
             socket.display().to_string(),
+            "--cgroup-parent".to_string(),
+            cgroup_parent.clone(),
         ];
-        Self::start_with(dir, config.to_path_buf(), socket, &args)
+        Self::start_with(dir, config.to_path_buf(), socket, cgroup_parent, &args)
     }
 
     fn start_with(
         dir: tempfile::TempDir,
         config: PathBuf,
         socket: PathBuf,
+        cgroup_parent: String,
         extra: &[String],
     ) -> Result<Self> {
         let mut d = Self {
@@ -107,7 +125,8 @@ impl Daemon {
             child: None,
             socket,
             config,
-            extra: extra.to_vec(),
+            cgroup_parent,
+            args: extra.to_vec(),
         };
         d.spawn()?;
         Ok(d)
@@ -121,7 +140,7 @@ impl Daemon {
         let child = Command::new(artifact("capnetd"))
             .arg("--config")
             .arg(&self.config)
-            .args(&self.extra)
+            .args(&self.args)
             .env(
                 "CAPNET_LOG",
                 std::env::var("CAPNET_LOG").unwrap_or_else(|_| "info".into()),
@@ -185,6 +204,11 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("capnetd.log")).unwrap_or_default()
     }
 
+    /// The daemon's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     /// The temporary directory (state lives in `state/`).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -193,6 +217,11 @@ impl Daemon {
     /// The admin socket.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The name of the daemon's cgroup parent (unique to this daemon).
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
     }
 
     /// The config file in use.
@@ -259,6 +288,23 @@ impl Daemon {
         let mut all = vec!["grain", "start", "--id", id, "--", grain.as_ref()];
         all.extend_from_slice(args);
         self.capnet_json(&all)
+    }
+
+    /// Starts an ad-hoc grain running `capnet-probe ARGS` with extra `capnet grain
+    /// start` flags (such as `--pids 32`).
+    pub fn start_probe(&self, id: &str, flags: &[&str], args: &[&str]) -> Result<Value> {
+        let probe = artifact("capnet-probe");
+        let probe = probe.to_string_lossy();
+        let mut all = vec!["grain", "start", "--id", id];
+        all.extend_from_slice(flags);
+        all.extend_from_slice(&["--", probe.as_ref()]);
+        all.extend_from_slice(args);
+        self.capnet_json(&all)
+    }
+
+    /// `capnet --json grain status ID`.
+    pub fn grain_status(&self, id: &str) -> Result<Value> {
+        self.capnet_json(&["grain", "status", id])
     }
 
     /// Waits for a grain to exit and returns its status.

@@ -11,7 +11,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -283,7 +282,8 @@ fn refusals_get_the_right_codes_and_statuses() {
         "denied.capnet.test:80".to_string(),
         format!("web.capnet.test:{closed}"),
     ];
-    let probe = artifact("capnet-test-grain").display().to_string();
+    // Inside the grain: the bridge's directory (target/<profile>) is the app tree at /app.
+    let probe = "/app/capnet-test-grain".to_string();
     let script = format!(
         r#"set -eu
 "$0" proxy-probe {}
@@ -444,7 +444,8 @@ fn many_parallel_connections_and_closing_propagates() {
     let d = daemon();
     let echo = EchoServer::start().expect("echo");
     let hold = hold_server().expect("hold server");
-    let tg = artifact("capnet-test-grain").display().to_string();
+    // Inside the grain: the bridge's directory (target/<profile>) is the app tree at /app.
+    let tg = "/app/capnet-test-grain".to_string();
     let script = format!(
         r#"set -eu
 "$0" proxy-swarm --host web.capnet.test --port {} --count 200 --http-count 50
@@ -512,18 +513,13 @@ fn many_parallel_connections_and_closing_propagates() {
     );
 }
 
-/// A grant the bridge asked for is saved with `SystemPersistent.save()` and restored on
-/// the next start instead of asking the administrator again. While the supervisor cannot
-/// save (persistence, issue 4, answers `unimplemented`), the bridge must say so in its log,
-/// keep serving with the live capability, and ask again on the next start; once `save()`
-/// works, the second start must restore without a powerbox request. Either way the page
-/// is fetched both times.
+/// A grant the bridge asked for is saved with `SystemPersistent.save()` (the token kept
+/// in the bridge's state file in the grain's own `/var`) and restored on the next start
+/// instead of asking the administrator again; the page is fetched both times.
 #[test]
 fn bridge_saves_and_restores_its_grants() {
     let d = daemon();
     let web = Nginx::start().expect("nginx");
-    let state = d.dir().join("bridge.state");
-    let state_s = state.display().to_string();
     let url = format!("http://web.capnet.test:{}/index.html", web.port);
     let bridge = artifact("capnet-bridge").display().to_string();
     let run = |id: &str| {
@@ -538,8 +534,6 @@ fn bridge_saves_and_restores_its_grants() {
             "off",
             "--http",
             "127.0.0.1:0",
-            "--state",
-            &state_s,
             "--grant",
             "network",
             "--",
@@ -550,30 +544,19 @@ fn bridge_saves_and_restores_its_grants() {
         ])
         .expect("grain start");
     };
-    // The same grain twice: tokens restore only in the grain that saved them, and its
-    // /var (where the state file lives once grains are sandboxed) is per grain.
     run("persist");
     grant_requests(&d, "tcp", 1);
     let log1 = finish(&d, "persist", Duration::from_secs(30));
     assert_eq!(log1.matches(PAGE).count(), 1, "{log1}");
+    assert!(log1.contains("saved; later runs restore it"), "{log1}");
+    let state = d.dir().join("state/grains/persist/var/capnet-bridge.state");
+    assert!(state.exists(), "no state file at {}", state.display());
     run("persist");
-    if log1.contains("could not be saved") {
-        // No persistence yet: nothing was written, and the second start asks again.
-        assert!(
-            !Path::new(&state).exists(),
-            "a state file was written: {log1}"
-        );
-        grant_requests(&d, "tcp", 1);
-        let log2 = finish(&d, "persist", Duration::from_secs(30));
-        assert_eq!(log2.matches(PAGE).count(), 2, "{log2}");
-    } else {
-        assert!(log1.contains("saved; later runs restore it"), "{log1}");
-        let log2 = finish(&d, "persist", Duration::from_secs(30));
-        assert!(log2.contains("restored from the saved token"), "{log2}");
-        assert_eq!(log2.matches(PAGE).count(), 2, "{log2}");
-        let pending = d.capnet_json(&["powerbox", "list"]).expect("list");
-        assert_eq!(pending, serde_json::json!([]), "the restart asked again");
-    }
+    let log2 = finish(&d, "persist", Duration::from_secs(30));
+    assert!(log2.contains("restored from the saved token"), "{log2}");
+    assert_eq!(log2.matches(PAGE).count(), 2, "{log2}");
+    let pending = d.capnet_json(&["powerbox", "list"]).expect("list");
+    assert_eq!(pending, serde_json::json!([]), "the restart asked again");
 }
 
 /// A grain defined in the config with `bridge = [bridge arguments]` runs its command

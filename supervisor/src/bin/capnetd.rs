@@ -20,6 +20,9 @@ struct Args {
     /// Override daemon.admin_socket.
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Override daemon.cgroup_parent (every capnetd of a host needs its own).
+    #[arg(long)]
+    cgroup_parent: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -57,6 +60,9 @@ fn main() {
     }
     if let Some(s) = args.socket {
         config.daemon.admin_socket = Some(s);
+    }
+    if let Some(p) = args.cgroup_parent {
+        config.daemon.cgroup_parent = p;
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

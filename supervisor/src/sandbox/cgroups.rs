@@ -422,7 +422,17 @@ impl CgroupRoot {
             cpuacct: self.cpuacct.join(name),
         };
         for d in cg.dirs() {
-            if let Err(source) = fs::create_dir(&d) {
+            let mut created = fs::create_dir(&d);
+            if matches!(&created, Err(e) if e.kind() == ErrorKind::AlreadyExists) {
+                // A leftover of a supervisor that was killed (its sandboxes died with it,
+                // but nobody removed their cgroups). rmdir succeeds only on a cgroup
+                // without tasks or children, so a live sandbox is never disturbed.
+                if fs::remove_dir(&d).is_ok() {
+                    tracing::info!(path = %d.display(), "removed a stale sandbox cgroup");
+                    created = fs::create_dir(&d);
+                }
+            }
+            if let Err(source) = created {
                 // Undo what we created so far.
                 let _ = cg.remove_dirs();
                 return Err(CgroupError::Create { path: d, source });
@@ -433,6 +443,32 @@ impl CgroupRoot {
             return Err(e);
         }
         Ok(cg)
+    }
+
+    /// Removes the empty sandbox cgroups a previous supervisor with the same parent left
+    /// behind (after a `kill -9`, its sandboxes die but their directories stay). A cgroup
+    /// that still has tasks is left alone (rmdir fails with EBUSY): it may belong to a
+    /// live supervisor. Returns how many were removed.
+    pub fn sweep_stale(&self) -> usize {
+        let mut removed = 0;
+        for parent in self.dirs() {
+            let Ok(entries) = fs::read_dir(&parent) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                let ours = name.starts_with("grain-") || name.starts_with("driver-");
+                if is_dir && ours && fs::remove_dir(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed stale sandbox cgroups");
+        }
+        removed
     }
 
     /// Removes the parent directories if they are empty (best effort).
@@ -486,7 +522,7 @@ impl SandboxCgroup {
                     write(&self.cpu.join("cpu.cfs_period_us"), "100000")?;
                     write(
                         &self.cpu.join("cpu.cfs_quota_us"),
-                        &(l.cpu_millis * 100).to_string(),
+                        &l.cpu_millis.saturating_mul(100).to_string(),
                     )?;
                 }
             }
@@ -500,7 +536,7 @@ impl SandboxCgroup {
                 if l.cpu_millis > 0 {
                     write(
                         &self.cpu.join("cpu.max"),
-                        &format!("{} 100000", l.cpu_millis * 100),
+                        &format!("{} 100000", l.cpu_millis.saturating_mul(100)),
                     )?;
                 }
             }

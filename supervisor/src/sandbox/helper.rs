@@ -162,6 +162,8 @@ fn run(spec: &WireSpec, err: &mut ErrorPipe) -> StageResult<i32> {
         sys::Forked::Parent(child) => {
             drop(sync_r);
             drop(status_w);
+            // The init has its own copies; the app's fds must not stay open here.
+            spec.close_app_fds();
             parent(spec, err, child, sync_w, status_r, sfd)
         }
     }

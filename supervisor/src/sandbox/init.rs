@@ -6,7 +6,8 @@
 //! namespace. That last property is what makes teardown reliable: killing the init kills
 //! the sandbox.
 //!
-//! Steps: wait for the helper's go (the id maps are written); switch to uid/gid 1000
+//! Steps: wait for the helper's go (the id maps are written); open the bind sources
+//! ([`super::rootfs::open_sources`], still with the helper's host identity); switch to uid/gid 1000
 //! keeping its namespace capabilities (`PR_SET_KEEPCAPS`); arm `PR_SET_PDEATHSIG`
 //! (cleared by the uid change, so armed after it) and check the helper's lifeline pipe,
 //! so that the sandbox dies with the helper (and the helper with the supervisor);
@@ -48,6 +49,11 @@ pub fn run(spec: &WireSpec, err: &mut ErrorPipe, sync_r: OwnedFd, status_w: Owne
         Ok(1) => {}
         _ => sys::exit_immediately(EXIT_INIT_FAILED),
     }
+    // Open the bind sources with the helper's file-system identity, before the switch.
+    let sources = match rootfs::open_sources(spec) {
+        Ok(s) => s,
+        Err(e) => fail(err, "init: root filesystem", e),
+    };
     if let Err(e) = become_sandbox_user() {
         fail(err, "init: switch to uid 1000", e);
     }
@@ -68,7 +74,7 @@ pub fn run(spec: &WireSpec, err: &mut ErrorPipe, sync_r: OwnedFd, status_w: Owne
     {
         fail(err, "init: loopback", e);
     }
-    if let Err(e) = rootfs::build(spec) {
+    if let Err(e) = rootfs::build(spec, sources) {
         fail(err, "init: root filesystem", e);
     }
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
@@ -85,6 +91,8 @@ pub fn run(spec: &WireSpec, err: &mut ErrorPipe, sync_r: OwnedFd, status_w: Owne
         Ok(sys::Forked::Parent(pid)) => Pid::from_raw(pid),
         Err(e) => fail(err, "init: fork app", e),
     };
+    // The app has its own copies of its fds; ours would hide its closing them.
+    spec.close_app_fds();
     drop(sync_r);
     if let Err(e) = lock_down() {
         let _ = kill(app_pid, Signal::SIGKILL);

@@ -5,7 +5,9 @@
 //! 1. make every inherited mount private, so nothing we do propagates to the host;
 //! 2. open every bind source with `O_PATH` while the host tree is still visible (later
 //!    binds use `/proc/self/fd/N` as source, so mounting the new root cannot hide a
-//!    source that lies under it);
+//!    source that lies under it); this happens in [`open_sources`], before the init
+//!    switches to uid 1000, so sources under directories the sandbox user cannot search
+//!    (the 0700 state directory holding each grain's `/var`) can still be bound;
 //! 3. mount a small tmpfs (the new root) over `/tmp` of our private mount table, create
 //!    mount points in it and bind/mount everything (see the table in `docs/sandbox.md`):
 //!    `/app` ro, `/var` rw+noexec, `/tmp` tmpfs noexec with a size cap, `/dev` a ro tmpfs
@@ -241,21 +243,21 @@ fn do_bind(root: &Path, b: &Bind) -> Result<(), MountError> {
     mnt(&what, None, &target, None, flags | keep, None)
 }
 
-/// Builds the sandbox's root filesystem and switches to it. Runs in the init, inside the
-/// new user, pid and mount namespaces, before the app is forked.
-pub fn build(spec: &WireSpec) -> Result<(), MountError> {
-    let root = Path::new(NEW_ROOT);
-    // 1. Nothing we mount may propagate back to the host.
-    mnt(
-        "private /",
-        None,
-        Path::new("/"),
-        None,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None,
-    )?;
+/// The bind sources of a sandbox, opened with `O_PATH` (see [`open_sources`]).
+#[derive(Debug)]
+pub struct Sources {
+    binds: Vec<Bind>,
+    devices: Vec<Bind>,
+}
 
-    // 2. Open every bind source while the host tree is visible.
+/// Opens every bind source of `spec` with `O_PATH`. Runs in the init right after the
+/// clone, *before* it switches to uid 1000: its file-system identity is still the
+/// helper's (host root, unmapped in the new user namespace), so a source is reachable
+/// even when the sandbox user could not search the path leading to it — the grain's
+/// `/var` lives under the supervisor's 0700 state directory. Only paths the supervisor
+/// put in the spec are opened; what the sandbox user can do with the *contents* is
+/// still decided by their own permissions.
+pub fn open_sources(spec: &WireSpec) -> Result<Sources, MountError> {
     let mut binds = Vec::new();
     if let Some(app) = &spec.app_dir {
         binds.push(open_source(app, "/app".into(), BindKind::ReadOnly)?);
@@ -285,6 +287,27 @@ pub fn build(spec: &WireSpec) -> Result<(), MountError> {
             open_source(&host, host.clone(), BindKind::Device)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    Ok(Sources { binds, devices })
+}
+
+/// Builds the sandbox's root filesystem from the opened `sources` and switches to it.
+/// Runs in the init, inside the new user, pid and mount namespaces, before the app is
+/// forked.
+pub fn build(spec: &WireSpec, sources: Sources) -> Result<(), MountError> {
+    let root = Path::new(NEW_ROOT);
+    // 1. Nothing we mount may propagate back to the host.
+    mnt(
+        "private /",
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+
+    // 2. The bind sources were opened while the host tree was visible
+    //    ([`open_sources`]).
+    let Sources { binds, devices } = sources;
 
     // 3. The new root.
     let base = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;

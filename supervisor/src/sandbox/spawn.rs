@@ -80,26 +80,33 @@ pub struct HelperImage {
 impl HelperImage {
     /// Reads `path` once into a sealed memfd.
     pub fn load(path: &Path) -> Result<Self, HelperImageError> {
+        Self::load_named(path, c"capnet-sandbox")
+    }
+
+    /// Reads `path` once into a sealed memfd called `name` (what `/proc/PID/exe` of a
+    /// process executed from it shows, as `/memfd:NAME`).
+    pub fn load_named(path: &Path, name: &std::ffi::CStr) -> Result<Self, HelperImageError> {
         let bytes = std::fs::read(path).map_err(|source| HelperImageError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_bytes(&bytes)
+        Self::from_bytes_named(&bytes, name)
     }
 
     /// Seals `bytes` into a memfd.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, HelperImageError> {
+        Self::from_bytes_named(bytes, c"capnet-sandbox")
+    }
+
+    fn from_bytes_named(bytes: &[u8], name: &std::ffi::CStr) -> Result<Self, HelperImageError> {
         let step = |step| {
             move |e: nix::Error| HelperImageError::Memfd {
                 step,
                 source: e.into(),
             }
         };
-        let fd = memfd_create(
-            c"capnet-sandbox",
-            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-        )
-        .map_err(step("memfd_create"))?;
+        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+            .map_err(step("memfd_create"))?;
         let mut file = std::fs::File::from(fd);
         file.write_all(bytes)
             .map_err(|source| HelperImageError::Memfd {
@@ -246,11 +253,12 @@ impl std::fmt::Debug for Spawner {
 
 impl Spawner {
     /// Loads the helper binary at `helper_path` into a sealed memfd, prepares the
-    /// `cgroup_parent_name` cgroups beneath the supervisor's own, and starts the spawner
-    /// thread.
+    /// `cgroup_parent_name` cgroups beneath the supervisor's own (removing empty sandbox
+    /// cgroups a killed predecessor left there), and starts the spawner thread.
     pub fn new(helper_path: &Path, cgroup_parent_name: &str) -> Result<Self, SpawnerError> {
         let image = HelperImage::load(helper_path)?;
         let cgroups = CgroupRoot::detect(cgroup_parent_name)?;
+        cgroups.sweep_stale();
         let (tx, rx) = mpsc::channel::<Request>();
         let thread_cgroups = cgroups.clone();
         let thread = std::thread::Builder::new()
@@ -376,7 +384,7 @@ fn spawn_one(
         &name,
         &CgroupLimits {
             memory_bytes: spec.limits.memory_bytes,
-            pids: spec.limits.pids + PIDS_OVERHEAD,
+            pids: spec.limits.pids.saturating_add(PIDS_OVERHEAD),
             cpu_millis: spec.limits.cpu_millis,
         },
     )?;
@@ -587,8 +595,16 @@ impl Sandboxed {
         let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGTERM);
     }
 
+    /// SIGKILL to the helper only, without blocking: its death takes the init down
+    /// (`PR_SET_PDEATHSIG`) and with it the whole pid namespace. [`Sandboxed::teardown`]
+    /// then reaps and removes whatever is left. Safe to call from async code.
+    pub fn kill_helper(&self) {
+        let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
+    }
+
     /// Kills the sandbox now: SIGKILL to the helper (its death takes the init and with it
-    /// the pid namespace down) and to everything in the cgroups.
+    /// the pid namespace down) and to everything in the cgroups. Blocks until the cgroups
+    /// are empty (bounded): call it from a blocking thread.
     pub fn kill(&self) {
         let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
         if let Err(e) = self.cgroup.kill_all(TEARDOWN_TIMEOUT) {

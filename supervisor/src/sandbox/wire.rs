@@ -40,6 +40,30 @@ pub struct WireSpec {
     pub cgroup_procs: Vec<PathBuf>,
 }
 
+impl WireSpec {
+    /// The fds meant for the app only (RPC socket, extra fds, log, program image),
+    /// without duplicates. The helper and the init close their copies once the app has
+    /// its own, so the app's closing one (say the driver host's status pipe, or a grain's
+    /// fd 3) is seen by the supervisor as end-of-file at once.
+    pub fn app_fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = std::iter::once(self.rpc_fd)
+            .chain(self.extra_fds.iter().map(|e| e.0))
+            .chain(self.log_fd)
+            .chain(self.program_fd)
+            .collect();
+        fds.sort_unstable();
+        fds.dedup();
+        fds
+    }
+
+    /// Closes this process's copies of [`WireSpec::app_fds`].
+    pub fn close_app_fds(&self) {
+        for fd in self.app_fds() {
+            drop(crate::sys::owned_from_inherited(fd));
+        }
+    }
+}
+
 /// Byte the init writes to the error pipe when it is fully locked down.
 pub const INIT_READY: u8 = b'I';
 

@@ -1,5 +1,5 @@
 //! Shared helpers for the privileged sandbox tests.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::io::{Read, Seek};
 use std::os::fd::OwnedFd;
@@ -114,31 +114,10 @@ pub fn grain_spec(id: &str, program: &str, args: &[&str]) -> (SandboxSpec, UnixS
     (spec, ours)
 }
 
-/// One line of probe output.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub outcome: String,
-    pub detail: String,
-    pub errno: Option<i32>,
-}
-
-/// Parses the probe's JSON lines (attack → outcome); panics on a malformed line.
-pub fn parse_probe(log: &str) -> std::collections::BTreeMap<String, Outcome> {
-    let mut out = std::collections::BTreeMap::new();
-    for line in log.lines().filter(|l| l.starts_with('{')) {
-        let v: serde_json::Value = serde_json::from_str(line).expect("probe line is JSON");
-        let attack = v["attack"].as_str().unwrap().to_string();
-        out.insert(
-            attack,
-            Outcome {
-                outcome: v["outcome"].as_str().unwrap().to_string(),
-                detail: v["detail"].as_str().unwrap_or("").to_string(),
-                errno: v["errno"].as_i64().map(|e| e as i32),
-            },
-        );
-    }
-    out
-}
+pub use capnet_probe::expect::{
+    assert_grain_walls, assert_lockdown_walls, assert_only_fds_0_to_3, assert_privileges_dropped,
+    assert_syscall_walls, parse_probe,
+};
 
 /// A grain running the probe from /app with `args`; returns spec, rpc end, log, app dir.
 pub fn probe_grain(id: &str, args: &[&str]) -> (SandboxSpec, UnixStream, Log, tempfile::TempDir) {
@@ -148,134 +127,4 @@ pub fn probe_grain(id: &str, args: &[&str]) -> (SandboxSpec, UnixStream, Log, te
     let (log, fd) = Log::new();
     spec.log_fd = Some(fd);
     (spec, rpc, log, app)
-}
-
-/// Asserts that every syscall-class attack of the probe was refused by the seccomp
-/// profile with the errno the profile defines (not merely failed for another reason).
-pub fn assert_syscall_walls(r: &std::collections::BTreeMap<String, Outcome>) {
-    let expect = |attack: &str, errno: i32| {
-        let o = r
-            .get(attack)
-            .unwrap_or_else(|| panic!("probe did not report {attack}"));
-        assert_eq!(
-            (o.outcome.as_str(), o.errno),
-            ("refused", Some(errno)),
-            "{attack}: {o:?}"
-        );
-    };
-    for a in [
-        "ptrace_traceme",
-        "ptrace_attach_init",
-        "process_vm_readv",
-        "process_vm_writev",
-        "pidfd_getfd",
-        "keyctl",
-        "add_key",
-        "request_key",
-        "bpf",
-        "perf_event_open",
-        "userfaultfd",
-        "io_uring_setup",
-        "io_uring_enter",
-        "io_uring_register",
-        "mount_tmpfs",
-        "mount_bind_root",
-        "umount_proc",
-        "pivot_root",
-        "chroot",
-        "move_mount",
-        "fsopen",
-        "fsconfig",
-        "fsmount",
-        "fspick",
-        "open_tree",
-        "mount_setattr",
-        "unshare_user",
-        "unshare_net",
-        "unshare_mount",
-        "unshare_files",
-        "setns",
-        "clone_newuser",
-        "clone_newpid",
-        "clone_newns",
-        "clone_newnet",
-        "clone_newipc",
-        "clone_newuts",
-        "clone_newcgroup",
-        "open_by_handle_at",
-        "name_to_handle_at",
-        "kexec_load",
-        "kexec_file_load",
-        "init_module",
-        "finit_module",
-        "delete_module",
-        "ioctl_tiocsti",
-        "ioctl_tiocsti_high_bits",
-        "ioctl_tioclinux",
-        "personality_no_aslr",
-        "personality_read_implies_exec",
-        "acct",
-        "swapon",
-        "swapoff",
-        "reboot_cad_off",
-        "settimeofday",
-        "clock_settime",
-        "adjtimex",
-        "syslog",
-        "quotactl",
-        "lookup_dcookie",
-        "vhangup",
-        "iopl",
-        "ioperm",
-        "modify_ldt",
-        "uselib",
-        "sysctl",
-        "sysfs",
-        "mbind",
-        "migrate_pages",
-        "move_pages",
-        "set_mempolicy",
-        "fanotify_init",
-        "socket_inet_raw",
-        "socket_inet6_raw",
-        "socket_inet_packet",
-        "socket_inet_raw_cloexec",
-    ] {
-        expect(a, libc::EPERM);
-    }
-    expect("clone3_newuser", libc::ENOSYS);
-    for a in [
-        "socket_netlink",
-        "socket_packet",
-        "socket_vsock",
-        "socket_alg",
-        "socket_bluetooth",
-        "socket_family_255",
-    ] {
-        expect(a, libc::EAFNOSUPPORT);
-    }
-    // Other ABIs are killed by the bad-arch action (SIGSYS = 31).
-    for a in ["int80_getpid", "x32_getpid", "x32_ptrace"] {
-        let o = &r[a];
-        assert_eq!(
-            (o.outcome.as_str(), o.detail.as_str()),
-            ("killed", "signal 31"),
-            "{a}"
-        );
-    }
-    for c in [
-        "control:socket_unix",
-        "control:socket_inet",
-        "control:socket_inet6",
-        "control:personality_query",
-    ] {
-        assert_eq!(r[c].outcome, "succeeded", "{c}: {:?}", r[c]);
-    }
-}
-
-/// Asserts the confinement properties the probe reads from /proc/self/status and co.
-pub fn assert_privileges_dropped(r: &std::collections::BTreeMap<String, Outcome>) {
-    for a in ["privileges", "inherited_fds", "session", "core_dumps"] {
-        assert_eq!(r[a].outcome, "refused", "{a}: {:?}", r[a]);
-    }
 }

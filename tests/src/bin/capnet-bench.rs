@@ -1,11 +1,16 @@
-//! `make bench`: measures capnet's data path against real peers in one run and writes
-//! the figures and ratios to docs/benchmarks.md.
+//! `make bench`: measures capnet against real peers in one run and writes the figures
+//! and ratios to docs/benchmarks.md (each section replaces its own heading only).
 //!
-//! Compared, on loopback: (a) direct TCP, (b) a grain through a granted TcpPort (grain →
-//! capnetd membrane → TCP driver host → TCP), (c) an ordinary socket client in a grain
-//! through capnet-bridge's SOCKS5 proxy onto the same kind of grant, (d) microsocks as a
-//! SOCKS5 proxy. Each measures bulk throughput (a sink that answers with the byte count)
-//! and connect-to-first-byte latency (a server that writes one byte at once).
+//! Data path, on loopback: (a) direct TCP, (b) a grain through a granted TcpPort (grain →
+//! capnetd membrane → TCP driver host → TCP), (c) microsocks as a SOCKS5 proxy. Each
+//! measures bulk throughput (a sink that answers with the byte count) and
+//! connect-to-first-byte latency (a server that writes one byte at once).
+//!
+//! Sandbox spawn: from the start request until `/bin/true` has run inside a fully
+//! confined grain and been reaped, (a) through capnetd (Admin `startGrain`, then
+//! `waitGrain` returning once the sandbox is gone), (b) through the sandbox library
+//! directly (`capnet-sandbox-tool bench`), (c) `bwrap --unshare-all` running the same
+//! `true` (measured by the same tool run).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,7 +19,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use capnet_schemas::admin_capnp::admin;
 use capnet_tests::{Daemon, artifact, driver_config, free_port};
+use capnp_rpc::rpc_twoparty_capnp::Side;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -28,6 +35,12 @@ struct Args {
     /// Connections per latency run.
     #[arg(long, default_value_t = 1000)]
     count: u32,
+    /// Spawns per sandbox-spawn series.
+    #[arg(long, default_value_t = 200)]
+    spawn_runs: usize,
+    /// Which sections to measure: `data`, `spawn` or both (comma-separated).
+    #[arg(long, default_value = "data,spawn", value_delimiter = ',')]
+    sections: Vec<String>,
 }
 
 /// A sink: reads an 8-byte big-endian length, then that many bytes (or until EOF), then
@@ -318,18 +331,17 @@ fn via_bridge(sink: SocketAddr, fb: SocketAddr, a: &Args) -> Result<Figures> {
     })
 }
 
-fn main() -> Result<()> {
-    let a = Args::parse();
+fn data_path_section(a: &Args) -> Result<String> {
     let sink = sink_server()?;
     let fb = first_byte_server()?;
     eprintln!("bench: direct TCP …");
-    let direct = direct(sink, fb, &a)?;
+    let direct = direct(sink, fb, a)?;
     eprintln!("bench: capnet grain → TcpPort …");
-    let capnet = via_capnet(sink, fb, &a)?;
+    let capnet = via_capnet(sink, fb, a)?;
     eprintln!("bench: capnet-bridge SOCKS5 → TcpPort …");
-    let bridge = via_bridge(sink, fb, &a)?;
+    let bridge = via_bridge(sink, fb, a)?;
     eprintln!("bench: microsocks SOCKS5 …");
-    let socks = via_socks(sink, fb, &a)?;
+    let socks = via_socks(sink, fb, a)?;
     let row = |name: &str, f: &Figures| {
         format!(
             "| {name} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
@@ -341,11 +353,8 @@ fn main() -> Result<()> {
         )
     };
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let report = format!(
-        "# Benchmarks\n\n\
-         Measured by `make bench` (release build) in one run on one machine, so the ratios \
-         compare like with like; absolute figures vary between runs and machines by 10-20%.\n\n\
-         ## Data path: bulk throughput and connect-to-first-byte latency (loopback)\n\n\
+    Ok(format!(
+        "## Data path: bulk throughput and connect-to-first-byte latency (loopback)\n\n\
          Machine: {cpus} CPUs, {}. Throughput: {} MiB sent to a sink that answers with the byte \
          count. Latency: {} connections to a server that writes one byte at once, timed from \
          the start of the connect until that byte is read.\n\n\
@@ -372,21 +381,189 @@ fn main() -> Result<()> {
         row("microsocks SOCKS5", &socks),
         bridge.mib_s / capnet.mib_s,
         bridge.p50_us / capnet.p50_us.max(1.0),
-    );
-    println!("{report}");
-    let existing = std::fs::read_to_string(&a.out).unwrap_or_default();
-    // Keep sections other benchmarks wrote; replace this one.
-    let marker = "## Data path:";
-    let mut out = report.clone();
-    if let Some(rest) = existing.find("\n## ").map(|i| &existing[i..]) {
-        for section in rest.split("\n## ").skip(1) {
-            if !section.starts_with(&marker[3..]) {
-                out.push_str("\n## ");
-                out.push_str(section);
+    ))
+}
+
+/// Spawn latency through capnetd: Admin `startGrain` of an ad-hoc `/bin/true`, then
+/// `waitGrain`, which answers once the grain exited and its sandbox was torn down.
+fn spawn_via_daemon(runs: usize) -> Result<Vec<Duration>> {
+    let d = Daemon::start("")?;
+    let socket = d.socket().to_path_buf();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let stream = tokio::net::UnixStream::connect(&socket).await?;
+        let mut rpc = capnet_schemas::rpc::two_party(stream, Side::Client, None);
+        let admin: admin::Client = rpc.bootstrap(Side::Server);
+        tokio::task::spawn_local(rpc);
+        let mut out = Vec::with_capacity(runs);
+        // One warm-up spawn (first use of the spawner thread, page cache).
+        for i in 0..=runs {
+            let id = format!("spawn-{i}");
+            let t0 = Instant::now();
+            let mut req = admin.start_grain_request();
+            {
+                let mut spec = req.get().init_spec();
+                spec.set_id(&id);
+                spec.init_command(1).set(0, "/bin/true");
+            }
+            req.send().promise.await?;
+            let mut w = admin.wait_grain_request();
+            w.get().set_grain_id(&id);
+            w.get().set_timeout_ms(30_000);
+            let resp = w.send().promise.await?;
+            let r = resp.get()?;
+            let g = r.get_grain()?;
+            if !r.get_exited() || g.get_exit_status() != 0 {
+                bail!(
+                    "/bin/true in grain {id} did not exit 0: {}",
+                    g.get_exit_reason()?.to_str()?
+                );
+            }
+            if i > 0 {
+                out.push(t0.elapsed());
             }
         }
+        Ok(out)
+    })
+}
+
+fn ms(v: &serde_json::Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+fn spawn_section(a: &Args) -> Result<String> {
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    eprintln!(
+        "bench: sandbox spawn through capnetd ({} runs) …",
+        a.spawn_runs
+    );
+    let mut daemon = spawn_via_daemon(a.spawn_runs)?;
+    daemon.sort_unstable();
+    let as_us: Vec<u64> = daemon.iter().map(|d| d.as_micros() as u64).collect();
+    let (d50, d99) = (
+        percentile(&as_us, 0.5) / 1000.0,
+        percentile(&as_us, 0.99) / 1000.0,
+    );
+    eprintln!(
+        "bench: sandbox library and bwrap ({} runs each) …",
+        a.spawn_runs
+    );
+    let out = Command::new(artifact("capnet-sandbox-tool"))
+        .args(["bench", "--runs", &a.spawn_runs.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running capnet-sandbox-tool bench")?;
+    if !out.status.success() {
+        bail!("capnet-sandbox-tool bench failed ({})", out.status);
     }
-    std::fs::write(&a.out, out)?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "capnet-sandbox-tool printed {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    let (lib, bw) = (&v["capnet"], &v["bwrap"]);
+    let (b50, b99) = (ms(bw, "p50_ms"), ms(bw, "p99_ms"));
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    Ok(format!(
+        "## Sandbox spawn: start request until `true` ran in a fully confined grain and was reaped\n\n\
+         Machine: {cpus} CPUs, {}, load average {load} when it started; {} runs of each, in \
+         one run of `make bench` ({} build). \
+         A capnet grain here has every wall: user, pid, mount, network, ipc, uts and cgroup \
+         namespaces, a new root (tmpfs) with read-only `/app`, `/usr`, `/lib`, `/lib64`, \
+         `/bin`, its own `/tmp`, `/dev` and `/proc`, memory, pids and CPU cgroups (created and \
+         removed each time), the seccomp profile, no capabilities, rlimits.\n\n\
+         | path | p50 ms | p99 ms | p50 × bwrap |\n\
+         |---|---|---|---|\n\
+         | capnetd: Admin `startGrain` → `waitGrain` reports the exit | {d50:.1} | {d99:.1} | {:.2} |\n\
+         | sandbox library: `Spawner::spawn` → exit → teardown | {:.1} | {:.1} | {:.2} |\n\
+         | `{}` | {b50:.1} | {b99:.1} | 1.00 |\n\n\
+         * **capnetd** is what an administrator or a script sees: the grain's state directory, \
+         host id, log file and socketpair are prepared, the sandbox is built on the spawner \
+         thread, and `waitGrain` answers once `true` exited and the sandbox (processes, \
+         cgroups) is gone. Measured over the admin socket, without the CLI's own start-up.\n\
+         * **sandbox library** is the same sandbox without the daemon around it.\n\
+         * **bwrap** builds comparable namespaces and mounts but no cgroups and no seccomp \
+         filter.\n",
+        std::env::consts::ARCH,
+        a.spawn_runs,
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        d50 / b50,
+        ms(lib, "p50_ms"),
+        ms(lib, "p99_ms"),
+        ms(lib, "p50_ms") / b50,
+        v["bwrap_command"]
+            .as_str()
+            .unwrap_or("bwrap --unshare-all … /bin/true"),
+    ))
+}
+
+/// Replaces the section whose heading starts with `heading` in `existing` (or appends
+/// it), keeping every other section.
+fn merge_section(existing: &str, heading: &str, section: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut rest = existing;
+    let head = match existing.find("\n## ") {
+        Some(i) => {
+            rest = &existing[i + 1..];
+            existing[..i + 1].to_string()
+        }
+        None if existing.starts_with("## ") => String::new(),
+        None => {
+            rest = "";
+            existing.to_string()
+        }
+    };
+    for chunk in rest.split("\n## ") {
+        let chunk = chunk.strip_prefix("## ").unwrap_or(chunk);
+        if !chunk.trim().is_empty() {
+            parts.push(format!("## {}", chunk.trim_end()));
+        }
+    }
+    let mut replaced = false;
+    for p in &mut parts {
+        if p.starts_with(heading) {
+            *p = section.trim_end().to_string();
+            replaced = true;
+        }
+    }
+    if !replaced {
+        parts.push(section.trim_end().to_string());
+    }
+    let head = if head.trim().is_empty() {
+        "# Benchmarks\n\n\
+         Measured by `make bench` (release build) in one run on one machine, so the ratios \
+         compare like with like; absolute figures vary between runs and machines by 10-20%.\n\n"
+            .to_string()
+    } else {
+        head
+    };
+    format!("{head}{}\n", parts.join("\n\n"))
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let mut report = std::fs::read_to_string(&a.out).unwrap_or_default();
+    for section in &a.sections {
+        let (heading, text) = match section.as_str() {
+            "data" => ("## Data path:", data_path_section(&a)?),
+            "spawn" => ("## Sandbox spawn", spawn_section(&a)?),
+            other => bail!("unknown section {other:?}: use data or spawn"),
+        };
+        println!("{text}");
+        report = merge_section(&report, heading, &text);
+    }
+    std::fs::write(&a.out, report)?;
     eprintln!("bench: wrote {}", a.out.display());
     Ok(())
 }

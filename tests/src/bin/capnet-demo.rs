@@ -194,6 +194,63 @@ fn main() {
         },
     );
 
+    steps.run(
+        "every grain runs in its own sandbox: a hostile probe's attacks are all refused",
+        || {
+            let echo = echo
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("echo server: {e}"))?;
+            let port = echo.addr.port().to_string();
+            let state = d.state_dir().display().to_string();
+            let pid = d.pid().to_string();
+            d.start_probe(
+                "demo-probe",
+                &[],
+                &[
+                    "attacks",
+                    "--state-dir",
+                    &state,
+                    "--supervisor-pid",
+                    &pid,
+                    "--host-port",
+                    &port,
+                ],
+            )?;
+            let st = d.wait_grain("demo-probe", Duration::from_secs(60))?;
+            let lines: Vec<serde_json::Value> = d
+                .grain_log("demo-probe")
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            let held = lines
+                .iter()
+                .filter(|v| v["outcome"] == "refused" || v["outcome"] == "killed")
+                .count();
+            let breaches: Vec<&str> = lines
+                .iter()
+                .filter(|v| v["outcome"] == "succeeded")
+                .filter_map(|v| v["attack"].as_str())
+                .filter(|a| !a.starts_with("control:") && *a != "write_tmp_is_allowed")
+                .collect();
+            if !breaches.is_empty() || st["exit_status"] != 0 {
+                bail!("walls breached: {breaches:?} ({})", st["exit_reason"]);
+            }
+            let direct = lines
+                .iter()
+                .find(|v| v["attack"] == "connect_host_loopback")
+                .and_then(|v| v["detail"].as_str())
+                .unwrap_or("?");
+            Ok(format!(
+                "{held} attacks refused (seccomp, namespaces, read-only root, no capabilities); \
+                 connecting straight to the echo server on 127.0.0.1:{port}: {direct} (the grain \
+                 has its own loopback); it ran as host uid {} with {} MiB and {} tasks at most",
+                st["host_uid"],
+                st["limits"]["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+                st["limits"]["pids"]
+            ))
+        },
+    );
+
     steps.run("capnetd shuts down cleanly", || {
         let out = d.capnet(&["shutdown"]);
         if !out.status.success() {
