@@ -14,7 +14,7 @@ use crate::events::{Event, EventKind};
 use crate::grant::GrantState;
 use crate::host::DriverHost;
 use crate::policy::{Direction, RuleSource, Transport};
-use crate::resolve::{VetError, resolve_vetted};
+use crate::resolve::{VetError, Vetted, resolve_vetted};
 
 /// How long an outbound TCP connect may take before it fails.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -91,70 +91,7 @@ impl ConnectContext {
     pub async fn dial_port(&self, port: u16) -> Result<TcpStream, DriverError> {
         let g = &self.grant;
         let hs = &g.host;
-        if let HostSpec::Name(n) = &self.target.host
-            && !hs.privileges().dns
-            && !hs.has_static_host(n.as_str())
-        {
-            return Err(DriverError::Refused {
-                what: format!("resolving {n}"),
-                rule: "the driver was not approved for DNS".into(),
-            });
-        }
-        let vetted = resolve_vetted(
-            &g.policy,
-            hs.resolver(),
-            &self.target.host,
-            port,
-            Direction::Outbound,
-            Transport::Tcp,
-        )
-        .await;
-        let refused = match &vetted {
-            Ok(v) => v.refused(),
-            Err(e) => e.refused(),
-        };
-        for r in refused {
-            g.refusals.set(g.refusals.get() + 1);
-            hs.report(
-                Event::new(
-                    &g.id,
-                    EventKind::ConnectRefused,
-                    SocketAddr::new(r.addr, port).to_string(),
-                )
-                .rule(r.decision.rule.to_string())
-                .detail(format!(
-                    "{} resolved to a refused address",
-                    self.target.host
-                )),
-            );
-        }
-        let vetted = match vetted {
-            Ok(v) => v,
-            Err(VetError::Denied {
-                host,
-                port,
-                decision,
-            }) => {
-                g.refusals.set(g.refusals.get() + 1);
-                hs.report(
-                    Event::new(&g.id, EventKind::ConnectRefused, format!("{host}:{port}"))
-                        .rule(decision.rule.to_string()),
-                );
-                return Err(DriverError::Refused {
-                    what: format!("connect to {}", Target { host, port }),
-                    rule: decision.rule.to_string(),
-                });
-            }
-            Err(VetError::NotFound { name, .. }) => {
-                return Err(DriverError::NotFound(name.to_string()));
-            }
-            Err(e) => {
-                return Err(DriverError::Other(format!(
-                    "resolving {}: {e}",
-                    self.target.host
-                )));
-            }
-        };
+        let vetted = vet_target(g, &self.target.host, port, Transport::Tcp).await?;
         let mut last = None;
         for a in vetted.allowed() {
             let dest = a.socket_addr();
@@ -210,6 +147,90 @@ impl ConnectContext {
                 Ok(Connection::new(tls, format!("{peer} (tls)")))
             }
         }
+    }
+}
+
+/// Resolves `host` once for the grant and vets every address for `transport`, reporting
+/// each refused address (`ConnectRefused` for TCP, `DatagramRefused` for UDP) and
+/// counting it as a refusal. Names need the DNS privilege (or a static host entry).
+pub(crate) async fn vet_target(
+    g: &GrantState,
+    host: &HostSpec,
+    port: u16,
+    transport: Transport,
+) -> Result<Vetted, DriverError> {
+    let hs = &g.host;
+    let refused_kind = match transport {
+        Transport::Tcp => EventKind::ConnectRefused,
+        Transport::Udp => EventKind::DatagramRefused,
+    };
+    if let HostSpec::Name(n) = host
+        && !hs.privileges().dns
+        && !hs.has_static_host(n.as_str())
+    {
+        return Err(DriverError::Refused {
+            what: format!("resolving {n}"),
+            rule: "the driver was not approved for DNS".into(),
+        });
+    }
+    let vetted = resolve_vetted(
+        &g.policy,
+        hs.resolver(),
+        host,
+        port,
+        Direction::Outbound,
+        transport,
+    )
+    .await;
+    let refused = match &vetted {
+        Ok(v) => v.refused(),
+        Err(e) => e.refused(),
+    };
+    for r in refused {
+        g.refusals.set(g.refusals.get() + 1);
+        hs.report(
+            Event::new(
+                &g.id,
+                refused_kind,
+                SocketAddr::new(r.addr, port).to_string(),
+            )
+            .rule(r.decision.rule.to_string())
+            .detail(format!("{host} resolved to a refused address")),
+        );
+    }
+    match vetted {
+        Ok(v) => Ok(v),
+        Err(VetError::Denied {
+            host,
+            port,
+            decision,
+        }) => {
+            g.refusals.set(g.refusals.get() + 1);
+            hs.report(
+                Event::new(
+                    &g.id,
+                    refused_kind,
+                    format!(
+                        "{}",
+                        Target {
+                            host: host.clone(),
+                            port
+                        }
+                    ),
+                )
+                .rule(decision.rule.to_string()),
+            );
+            let verb = match transport {
+                Transport::Tcp => "connect to",
+                Transport::Udp => "send a datagram to",
+            };
+            Err(DriverError::Refused {
+                what: format!("{verb} {}", Target { host, port }),
+                rule: decision.rule.to_string(),
+            })
+        }
+        Err(VetError::NotFound { name, .. }) => Err(DriverError::NotFound(name.to_string())),
+        Err(e) => Err(DriverError::Other(format!("resolving {host}: {e}"))),
     }
 }
 

@@ -118,6 +118,7 @@ mod servers;
 mod sys;
 pub mod testing;
 pub mod tls;
+pub mod udp;
 
 pub use capnet_schemas;
 pub use context::{CONNECT_TIMEOUT, ConnectContext, HostSpec, ListenContext, Target, TcpListeners};
@@ -127,3 +128,4 @@ pub use host::{DriverHost, STANDARD_OPTION_KEYS, StandardOptions, split_options}
 pub use limits::Limits;
 pub use manifest::{Manifest, Privileges, Provided};
 pub use serve::ServeError;
+pub use udp::{Datagram, UdpBindContext};
