@@ -25,6 +25,7 @@ pub mod drivers;
 pub mod grains;
 pub mod grants;
 pub mod membrane;
+pub mod membrane_udp;
 pub mod powerbox;
 pub mod sandbox;
 pub mod sys;

@@ -24,7 +24,7 @@ use crate::grants::{Grant, GrantKind, Revocable, revoked_error};
 
 /// How a proxy names a host.
 #[derive(Clone, Debug)]
-enum HostRef {
+pub(crate) enum HostRef {
     Addr(IpAddr),
     Name(String),
 }
@@ -69,8 +69,8 @@ pub fn root_capability(grant: &Rc<Grant>) -> capnp::capability::Client {
             });
             c.client
         }
-        GrantKind::UdpPort { .. } => {
-            capnp_rpc::new_broken_cap(Error::unimplemented("UDP grants are not served yet".into()))
+        GrantKind::UdpPort { host, port } => {
+            crate::membrane_udp::udp_port_proxy(grant, HostRef::from_text(host), *port).client
         }
     }
 }
@@ -138,6 +138,18 @@ impl ip_remote_host::Server for RemoteHostProxy {
             port,
             cached: RefCell::new(None),
         });
+        results.get().set_port(p);
+        Ok(())
+    }
+
+    async fn get_udp_port(
+        self: Rc<Self>,
+        params: ip_remote_host::GetUdpPortParams,
+        mut results: ip_remote_host::GetUdpPortResults,
+    ) -> Result<(), Error> {
+        self.grant.check_live()?;
+        let port = params.get()?.get_port_num();
+        let p = crate::membrane_udp::udp_port_proxy(&self.grant, self.host.clone(), port);
         results.get().set_port(p);
         Ok(())
     }
@@ -249,6 +261,14 @@ impl ip_interface::Server for InterfaceProxy {
             .get()
             .set_handle(capnp_rpc::new_client_from_rc::<handle::Client, _>(h));
         Ok(())
+    }
+
+    async fn listen_udp(
+        self: Rc<Self>,
+        params: ip_interface::ListenUdpParams,
+        results: ip_interface::ListenUdpResults,
+    ) -> Result<(), Error> {
+        crate::membrane_udp::listen_udp(&self.grant, params, results).await
     }
 }
 

@@ -9,7 +9,7 @@ use capnet_schemas::descriptor::{Encryption, Requested};
 use capnet_schemas::grain;
 use capnet_schemas::grain_capnp::grain_api;
 use capnet_schemas::ip_capnp::{ip_interface, ip_network, tcp_port};
-use capnet_tests::grain::{pseudo_random, sha256_hex};
+use capnet_tests::grain::{UdpInbox, UdpPortClient, pseudo_random, sha256_hex, udp_send};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -71,6 +71,28 @@ enum Cmd {
     BenchRtt {
         #[arg(long, default_value_t = 1000)]
         count: u32,
+    },
+    /// Request IpNetwork (or a UdpPort with `--narrow`), send `count` datagrams to a UDP
+    /// echo server with one returnPort, and report the replies and the source ports the
+    /// echo server saw (it answers `from PORT: PAYLOAD`). Exit 3 if the first send is
+    /// refused.
+    UdpEcho {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 3)]
+        count: u32,
+        #[arg(long)]
+        narrow: bool,
+        #[arg(long, default_value = "test: udp echo")]
+        label: String,
+    },
+    /// Request IpInterface, listen for UDP on a port, answer each datagram with
+    /// `echo: PAYLOAD` through the sender's own port, until a datagram says `quit`.
+    UdpListen {
+        #[arg(long)]
+        port: u16,
     },
     /// Request IpNetwork; connect to `crash_port` (the driver crashes), then retry the echo
     /// server until the restarted driver serves it.
@@ -349,6 +371,97 @@ async fn run(args: Args) -> Result<i32> {
                 "{}",
                 json!({"ok": true, "micros": micros, "connect_micros": connect_micros})
             );
+            Ok(0)
+        }
+        Cmd::UdpEcho {
+            host,
+            port,
+            count,
+            narrow,
+            label,
+        } => {
+            let what = if narrow {
+                Requested::UdpPort {
+                    host: Some(host.clone()),
+                    port: Some(port),
+                }
+            } else {
+                Requested::IpNetwork {
+                    encryption: Encryption::None,
+                }
+            };
+            let g = request(&api, what, &label).await?;
+            println!("{}", json!({"event": "granted", "grant": g.grant_id}));
+            let udp: UdpPortClient = if narrow {
+                g.cast()
+            } else {
+                let net: ip_network::Client = g.cast();
+                let mut req = net.get_remote_host_by_name_request();
+                req.get().set_address(&host);
+                let h = req.send().pipeline.get_host();
+                let mut req = h.get_udp_port_request();
+                req.get().set_port_num(port);
+                req.send().pipeline.get_port()
+            };
+            let (ret, mut rx) = UdpInbox::channel();
+            let mut replies = Vec::new();
+            let mut ports = std::collections::BTreeSet::new();
+            for i in 0..count {
+                let msg = format!("datagram {i}");
+                if let Err(e) = udp_send(&udp, msg.as_bytes(), &ret).await {
+                    let e = clean(e).to_string();
+                    if i == 0 {
+                        println!("{}", json!({"ok": false, "refused": e}));
+                        return Ok(3);
+                    }
+                    bail!("send {i} failed: {e}");
+                }
+                let (data, _) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .context("no reply within 10 s")?
+                    .context("inbox closed")?;
+                let reply = String::from_utf8_lossy(&data).into_owned();
+                if let Some(p) = reply
+                    .strip_prefix("from ")
+                    .and_then(|r| r.split(':').next())
+                {
+                    ports.insert(p.to_string());
+                }
+                replies.push(reply);
+            }
+            println!(
+                "{}",
+                json!({"ok": true, "replies": replies, "source_ports": ports})
+            );
+            Ok(0)
+        }
+        Cmd::UdpListen { port } => {
+            let g = request(&api, Requested::IpInterface, "test: udp listen").await?;
+            let iface: ip_interface::Client = g.cast();
+            let (inbox, mut rx) = UdpInbox::channel();
+            let mut req = iface.listen_udp_request();
+            req.get().set_port_num(port);
+            req.get().set_port(inbox);
+            let _handle = req
+                .send()
+                .promise
+                .await
+                .map_err(clean)?
+                .get()?
+                .get_handle()?;
+            println!("LISTENING {port}");
+            let (unused, _keep) = UdpInbox::channel();
+            while let Some((data, peer)) = rx.recv().await {
+                let msg = String::from_utf8_lossy(&data).into_owned();
+                if msg == "quit" {
+                    udp_send(&peer, b"bye", &unused).await.map_err(clean)?;
+                    println!("{}", json!({"ok": true, "event": "quit"}));
+                    return Ok(0);
+                }
+                udp_send(&peer, format!("echo: {msg}").as_bytes(), &unused)
+                    .await
+                    .map_err(clean)?;
+            }
             Ok(0)
         }
         Cmd::CrashRecover {
