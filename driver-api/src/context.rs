@@ -71,6 +71,17 @@ impl ConnectContext {
         &self.grant.host
     }
 
+    /// Whether the grant has been revoked since (a protocol driver checks this before
+    /// acting on what the grain said, such as relaying a message).
+    pub fn is_revoked(&self) -> bool {
+        self.grant.is_revoked()
+    }
+
+    /// The grant's limits, for protocol drivers that enforce their own on top.
+    pub fn limits(&self) -> crate::Limits {
+        self.grant.limiter.limits()
+    }
+
     /// Reports an audit event about this connection.
     pub fn report(&self, kind: EventKind, detail: impl Into<String>) {
         self.grant
@@ -89,9 +100,17 @@ impl ConnectContext {
     /// Like [`dial`](Self::dial) but to another port of the same host (protocol drivers
     /// that map a port, for example).
     pub async fn dial_port(&self, port: u16) -> Result<TcpStream, DriverError> {
+        self.dial_host(&self.target.host, port).await
+    }
+
+    /// Like [`dial`](Self::dial) but to another host, for protocol drivers that connect
+    /// somewhere other than where the grain pointed (an SMTP driver's configured relay,
+    /// for example). The grant's policy still vets every address, so an administrator
+    /// allows a relay on a private address with a rule, like any other destination.
+    pub async fn dial_host(&self, host: &HostSpec, port: u16) -> Result<TcpStream, DriverError> {
         let g = &self.grant;
         let hs = &g.host;
-        let vetted = vet_target(g, &self.target.host, port, Transport::Tcp).await?;
+        let vetted = vet_target(g, host, port, Transport::Tcp).await?;
         let mut last = None;
         for a in vetted.allowed() {
             let dest = a.socket_addr();
@@ -107,7 +126,7 @@ impl ConnectContext {
                     hs.report(
                         Event::new(&g.id, EventKind::ConnectAllowed, dest.to_string())
                             .rule(rule.to_string())
-                            .detail(match &self.target.host {
+                            .detail(match host {
                                 HostSpec::Name(n) => format!("name {n}; {source}"),
                                 HostSpec::Addr(_) => source.to_string(),
                             }),
@@ -126,7 +145,7 @@ impl ConnectContext {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| DriverError::NotFound(self.target.host.to_string())))
+        Err(last.unwrap_or_else(|| DriverError::NotFound(host.to_string())))
     }
 
     /// Turns a dialled socket into the grain's connection, wrapping it in verified TLS when
@@ -244,6 +263,28 @@ impl ListenContext {
     /// The grant this listener belongs to.
     pub fn grant_id(&self) -> &str {
         &self.grant.id
+    }
+
+    /// The grain the listener is for.
+    pub fn grain_id(&self) -> &str {
+        &self.grant.grain
+    }
+
+    /// Whether the grant has been revoked since.
+    pub fn is_revoked(&self) -> bool {
+        self.grant.is_revoked()
+    }
+
+    /// Reports an audit event about this listener (destination: the peer or the port).
+    pub fn report(
+        &self,
+        kind: EventKind,
+        destination: impl Into<String>,
+        detail: impl Into<String>,
+    ) {
+        self.grant
+            .host
+            .report(Event::new(&self.grant.id, kind, destination).detail(detail));
     }
 
     /// The port to listen on.

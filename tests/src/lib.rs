@@ -14,6 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
 pub mod grain;
+pub mod peers;
 
 /// The directory holding the workspace's binaries and plugins (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
