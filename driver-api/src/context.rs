@@ -77,6 +77,13 @@ impl ConnectContext {
         self.grant.is_revoked()
     }
 
+    /// The grant's egress policy (driver and grant rules over the defaults), for protocol
+    /// drivers that check names the grain gives inside the protocol (an HTTP Host header,
+    /// a TLS SNI) against the same rules.
+    pub fn policy(&self) -> &crate::policy::Policy {
+        &self.grant.policy
+    }
+
     /// The grant's limits, for protocol drivers that enforce their own on top.
     pub fn limits(&self) -> crate::Limits {
         self.grant.limiter.limits()
