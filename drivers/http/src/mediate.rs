@@ -160,6 +160,9 @@ struct RequestHead {
     framing: Framing,
     expect_continue: bool,
     upgrade: bool,
+    /// The grain asked to close after this request (`Connection: close`, or HTTP/1.0
+    /// without keep-alive).
+    close: bool,
     /// The head to forward (with `Expect: 100-continue` removed).
     bytes: Vec<u8>,
 }
@@ -213,6 +216,7 @@ fn parse_request(head: &[u8]) -> Result<RequestHead, Refusal> {
     let mut other_coding = false;
     let mut expect_continue = false;
     let mut upgrade = false;
+    let mut close = req.version == Some(0);
     let mut keep = Vec::with_capacity(head.len());
     let first_line_end = head.iter().position(|b| *b == b'\n').map_or(0, |i| i + 1);
     keep.extend_from_slice(&head[..first_line_end]);
@@ -242,6 +246,14 @@ fn parse_request(head: &[u8]) -> Result<RequestHead, Refusal> {
             ));
         } else if header_eq(f.name, "upgrade") {
             upgrade = true;
+        } else if header_eq(f.name, "connection") {
+            for option in value.split(',').map(str::trim) {
+                if option.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if option.eq_ignore_ascii_case("keep-alive") {
+                    close = false;
+                }
+            }
         }
         keep.extend_from_slice(f.name.as_bytes());
         keep.extend_from_slice(b": ");
@@ -311,6 +323,7 @@ fn parse_request(head: &[u8]) -> Result<RequestHead, Refusal> {
         framing,
         expect_continue,
         upgrade,
+        close,
         bytes: keep,
     })
 }
@@ -435,6 +448,8 @@ where
 struct ResponseHead {
     status: u16,
     framing: Framing,
+    /// The server will close after this response.
+    close: bool,
 }
 
 fn parse_response(head: &[u8], method: &str) -> Result<ResponseHead, String> {
@@ -448,9 +463,18 @@ fn parse_response(head: &[u8], method: &str) -> Result<ResponseHead, String> {
     let status = resp.code.unwrap_or(0);
     let mut chunked = false;
     let mut length = None;
+    let mut close = resp.version == Some(0);
     for f in resp.headers.iter() {
         let value = String::from_utf8_lossy(f.value);
-        if header_eq(f.name, "transfer-encoding") {
+        if header_eq(f.name, "connection") {
+            for option in value.split(',').map(str::trim) {
+                if option.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if option.eq_ignore_ascii_case("keep-alive") {
+                    close = false;
+                }
+            }
+        } else if header_eq(f.name, "transfer-encoding") {
             chunked = value
                 .split(',')
                 .any(|c| c.trim().eq_ignore_ascii_case("chunked"));
@@ -476,7 +500,11 @@ fn parse_response(head: &[u8], method: &str) -> Result<ResponseHead, String> {
     } else {
         Framing::UntilClose
     };
-    Ok(ResponseHead { status, framing })
+    Ok(ResponseHead {
+        status,
+        framing,
+        close,
+    })
 }
 
 /// Mediates plain HTTP/1.x between the grain and the server: every request's Host is
@@ -633,16 +661,22 @@ where
                 copy_chunked(&mut uin, &mut gw, u64::MAX, &mut counter).await?;
             }
             Framing::UntilClose => {
-                gw.write_all(&uin.take(uin.buf.len())).await?;
+                let buffered = uin.buf.len();
+                gw.write_all(&uin.take(buffered)).await?;
                 loop {
                     if uin.fill(&mut counter).await? == 0 {
                         break;
                     }
-                    gw.write_all(&uin.take(uin.buf.len())).await?;
+                    let buffered = uin.buf.len();
+                    gw.write_all(&uin.take(buffered)).await?;
                 }
-                gw.flush().await?;
+                gw.shutdown().await?;
                 return Ok(());
             }
+        }
+        if req.close || final_head.close {
+            gw.shutdown().await?;
+            return Ok(());
         }
         gw.flush().await?;
     }
