@@ -14,13 +14,22 @@ use anyhow::{Context, Result, anyhow, bail};
 
 /// A certificate authority and one server certificate it signed, as PEM files.
 pub struct TestCa {
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl TestCa {
-    /// Makes a CA and a server certificate for `names` (DNS names or IP addresses).
+    /// Makes a CA and a server certificate for `names` (DNS names or IP addresses) in a
+    /// temporary directory.
     pub fn new(names: &[&str]) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("capnet-ca-").tempdir()?;
+        let tmp = tempfile::Builder::new().prefix("capnet-ca-").tempdir()?;
+        let mut ca = Self::in_dir(tmp.path(), names)?;
+        ca._tmp = Some(tmp);
+        Ok(ca)
+    }
+
+    /// Makes them in `dir` (`ca.pem`, `server.pem`, `server.key`), which the caller keeps.
+    pub fn in_dir(dir: &Path, names: &[&str]) -> Result<Self> {
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         ca_params
@@ -38,25 +47,28 @@ impl TestCa {
             .push(rcgen::DnType::CommonName, "capnet test server");
         let leaf_key = rcgen::KeyPair::generate()?;
         let leaf = leaf_params.signed_by(&leaf_key, &ca)?;
-        std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
-        std::fs::write(dir.path().join("server.pem"), leaf.pem())?;
-        std::fs::write(dir.path().join("server.key"), leaf_key.serialize_pem())?;
-        Ok(Self { dir })
+        std::fs::write(dir.join("ca.pem"), ca.pem())?;
+        std::fs::write(dir.join("server.pem"), leaf.pem())?;
+        std::fs::write(dir.join("server.key"), leaf_key.serialize_pem())?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _tmp: None,
+        })
     }
 
     /// The CA certificate (give it to drivers as `extra_ca_files`).
     pub fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
+        self.dir.join("ca.pem")
     }
 
     /// The server certificate.
     pub fn cert_file(&self) -> PathBuf {
-        self.dir.path().join("server.pem")
+        self.dir.join("server.pem")
     }
 
     /// The server's private key.
     pub fn key_file(&self) -> PathBuf {
-        self.dir.path().join("server.key")
+        self.dir.join("server.key")
     }
 }
 
@@ -74,7 +86,7 @@ const SMTP_SINK: &str = r#"
 import asyncio, json, ssl, sys
 from aiosmtpd.smtp import SMTP
 
-cert, key, out = sys.argv[1], sys.argv[2], sys.argv[3]
+cert, key, out, listen_port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 
 class Recorder:
     async def handle_DATA(self, server, session, envelope):
@@ -99,7 +111,7 @@ async def main():
     server = await loop.create_server(
         lambda: SMTP(Recorder(), tls_context=ctx, require_starttls=True,
                      enable_SMTPUTF8=True, decode_data=False, hostname="sink.test"),
-        "127.0.0.1", 0)
+        "127.0.0.1", listen_port)
     port = server.sockets[0].getsockname()[1]
     print("READY", port, flush=True)
     await server.serve_forever()
@@ -136,8 +148,13 @@ pub struct SmtpSink {
 const PYTHON: &str = "/usr/bin/python3";
 
 impl SmtpSink {
-    /// Starts one with the test CA's server certificate.
+    /// Starts one with the test CA's server certificate on an ephemeral port.
     pub fn start(ca: &TestCa) -> Result<Self> {
+        Self::start_on(ca, 0)
+    }
+
+    /// Starts one on 127.0.0.1:`port` (0: any free port).
+    pub fn start_on(ca: &TestCa, port: u16) -> Result<Self> {
         if !Path::new(PYTHON).exists() {
             bail!(
                 "{PYTHON} is missing: install the Debian packages python3 and python3-aiosmtpd (make deps)"
@@ -152,6 +169,7 @@ impl SmtpSink {
             .arg(ca.cert_file())
             .arg(ca.key_file())
             .arg(&out)
+            .arg(port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -170,9 +188,12 @@ impl SmtpSink {
             }
             let _ = child.kill();
             let _ = child.wait();
-            bail!(
-                "the SMTP sink did not start (is python3-aiosmtpd installed? `make deps`): {line}{err}"
-            );
+            let hint = if err.contains("ModuleNotFoundError") {
+                "install the Debian package python3-aiosmtpd (make deps); "
+            } else {
+                ""
+            };
+            bail!("the SMTP sink did not start: {hint}{line}{err}");
         };
         Ok(Self {
             _child: Guard(child),
@@ -227,21 +248,27 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx for `names` (its `server_name`s), with TLS from `ca`.
+    /// Starts nginx for `names` (its `server_name`s), with TLS from `ca`, on free ports.
     pub fn start(ca: &TestCa, names: &[&str]) -> Result<Self> {
+        Self::start_on(ca, names, crate::free_port(), crate::free_port())
+    }
+
+    /// Starts nginx on the given loopback ports.
+    pub fn start_on(ca: &TestCa, names: &[&str], http_port: u16, https_port: u16) -> Result<Self> {
         let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .ok_or_else(|| {
                 anyhow!("nginx is missing: install the Debian package nginx (make deps)")
             })?;
+        for p in [http_port, https_port] {
+            std::net::TcpListener::bind(("127.0.0.1", p))
+                .with_context(|| format!("port 127.0.0.1:{p} for nginx is in use"))?;
+        }
         let dir = tempfile::Builder::new().prefix("capnet-nginx-").tempdir()?;
         let root = dir.path().join("www");
         std::fs::create_dir_all(&root)?;
         std::fs::write(root.join("big"), vec![b'x'; 1 << 20])?;
-        // Ports are picked by binding and releasing; nginx binds them right after.
-        let http_port = crate::free_port();
-        let https_port = crate::free_port();
         let names = names.join(" ");
         let d = dir.path().display();
         let config = format!(

@@ -154,7 +154,7 @@ fn relay_said(step: &str, r: &Reply) -> Reply {
         format!(
             "{} the relay refused {step}: {}",
             if r.code >= 500 { "5.0.0" } else { "4.0.0" },
-            r.text.replace('\n', " ")
+            strip_enhanced(&r.text.replace('\n', " "))
         ),
     )
 }
@@ -283,6 +283,23 @@ async fn transact(
     }
     Ok(Reply::new(
         250,
-        format!("2.0.0 relayed: {}", r.text.replace('\n', " ")),
+        format!(
+            "2.0.0 relayed: {}",
+            strip_enhanced(&r.text.replace('\n', " "))
+        ),
     ))
+}
+
+/// The text of a reply without its leading enhanced status code (`2.0.0 `), if any.
+fn strip_enhanced(text: &str) -> &str {
+    let mut parts = text.splitn(2, ' ');
+    let first = parts.next().unwrap_or("");
+    let is_code = first.split('.').count() == 3
+        && first
+            .split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    match parts.next() {
+        Some(rest) if is_code => rest,
+        _ => text,
+    }
 }
