@@ -470,3 +470,58 @@ fn idle_mappings_expire() {
         assert!(reply.ends_with(": two"), "{reply}");
     });
 }
+
+/// A protocol driver that refuses datagrams whose payload starts with `bad`, through
+/// the `inspect_datagram` hook.
+struct Picky;
+
+impl Driver for Picky {
+    type Options = capnet_driver_api::NoOptions;
+
+    fn manifest() -> Manifest {
+        Plain::manifest()
+    }
+
+    fn start(_: capnet_driver_api::NoOptions, _: &DriverHost) -> Result<Self, DriverError> {
+        Ok(Picky)
+    }
+
+    fn inspect_datagram(
+        &self,
+        datagram: &capnet_driver_api::Datagram<'_>,
+    ) -> Result<(), DriverError> {
+        if datagram.payload.starts_with(b"bad") {
+            return Err(DriverError::Refused {
+                what: format!("datagram to {}", datagram.peer),
+                rule: "picky: no bad datagrams".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A driver's `inspect_datagram` hook sees every outbound datagram after the policy and
+/// limits: a refused one fails the send and is audited, the others go out. Protects the
+/// UDP hook protocol drivers build on.
+#[test]
+fn the_inspect_hook_refuses_datagrams() {
+    run(async {
+        let echo = echo_server("127.0.0.1:0").await;
+        let h = Harness::start::<Picky>(HarnessConfig::default())
+            .await
+            .expect("start");
+        let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
+        let net = grant.network().await.expect("network");
+        let port = udp_port_to(&net, "127.0.0.1", echo.port()).await;
+        let (ret, mut rx) = inbox();
+        let err = send(&port, b"bad idea", &ret).await.expect_err("refused");
+        assert!(err.to_string().contains("picky: no bad datagrams"), "{err}");
+        send(&port, b"good idea", &ret).await.expect("allowed");
+        let (reply, _) = next(&mut rx).await;
+        assert!(reply.ends_with(": good idea"), "{reply}");
+        wait_event(&h, "datagram_refused", |e| {
+            e.kind == EventKind::DatagramRefused && e.detail.contains("picky")
+        })
+        .await;
+    });
+}

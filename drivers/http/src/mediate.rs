@@ -63,21 +63,26 @@ struct Input<R> {
     r: R,
     buf: Vec<u8>,
     eof: bool,
+    /// Longest wait for one read: a peer that stops sending mid-message times out.
+    idle: Duration,
 }
 
 impl<R: AsyncRead + Unpin> Input<R> {
-    fn new(r: R) -> Self {
+    fn new(r: R, idle: Duration) -> Self {
         Self {
             r,
             buf: Vec::new(),
             eof: false,
+            idle,
         }
     }
 
     /// Reads more bytes; returns how many (0 at end of stream).
     async fn fill(&mut self, counter: &mut Counter) -> Result<usize, MediateError> {
         let mut chunk = [0u8; 16 * 1024];
-        let n = self.r.read(&mut chunk).await?;
+        let n = tokio::time::timeout(self.idle, self.r.read(&mut chunk))
+            .await
+            .map_err(|_| MediateError::Timeout)??;
         if n == 0 {
             self.eof = true;
         }
@@ -522,8 +527,8 @@ where
 {
     let (gr, mut gw) = tokio::io::split(grain);
     let (ur, mut uw) = tokio::io::split(upstream);
-    let mut gin = Input::new(gr);
-    let mut uin = Input::new(ur);
+    let mut gin = Input::new(gr, limits.idle_timeout);
+    let mut uin = Input::new(ur, limits.idle_timeout);
     let mut counter = Counter {
         total: 0,
         max: limits.max_total_bytes,
@@ -747,7 +752,7 @@ where
 {
     let (gr, gw) = tokio::io::split(grain);
     let (ur, mut uw) = tokio::io::split(upstream);
-    let mut gin = Input::new(gr);
+    let mut gin = Input::new(gr, limits.idle_timeout);
     let mut counter = Counter {
         total: 0,
         max: limits.max_total_bytes,

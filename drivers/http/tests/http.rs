@@ -336,3 +336,46 @@ fn total_bytes_are_capped() {
             .expect("the cut is audited");
     });
 }
+
+/// A network granted with `encryption = tls` makes the driver the TLS client (verified
+/// against the test CA): the grain speaks plain HTTP to the TLS port, each request's Host
+/// is still checked, and nginx answers over TLS. Protects Host inspection when the driver
+/// encrypts.
+#[test]
+fn driver_tls_still_checks_every_host() {
+    run(async {
+        let ca = TestCa::new(&["allowed.test", "other.test"]).expect("CA");
+        let nginx = Nginx::start(&ca, &["allowed.test", "other.test"]).expect("nginx");
+        let options = format!(
+            r#"
+ports = [{https}]
+tls_ports = [{https}]
+static_hosts = {{ "allowed.test" = ["127.0.0.1"] }}
+extra_ca_files = [{ca:?}]
+system_ca = false
+"#,
+            https = nginx.https_port,
+            ca = ca.ca_file().display().to_string()
+        );
+        let harness = Harness::start::<HttpDriver>(HarnessConfig {
+            name: "http".into(),
+            options_toml: options,
+            ..HarnessConfig::default()
+        })
+        .await
+        .expect("start");
+        let grant = harness
+            .open_grant(GrantConfig {
+                tls: true,
+                ..GrantConfig::default()
+            })
+            .await
+            .expect("grant");
+        let mut c = BufReader::new(open(&grant, "allowed.test", nginx.https_port).await);
+        let (status, body) = get(&mut c, "allowed.test").await;
+        assert_eq!((status, body.as_str()), (200, "hello from allowed.test\n"));
+        let (status, _) = get(&mut c, "other.test").await;
+        assert_eq!(status, 403);
+        assert_closed(&mut c).await;
+    });
+}

@@ -30,6 +30,8 @@ pub const MAX_DATA_LINE: usize = 8192;
 pub const MAX_ERRORS: u32 = 20;
 /// Messages in one session.
 pub const MAX_MESSAGES_PER_SESSION: u32 = 100;
+/// Longest time for one message's DATA phase, however steadily lines arrive.
+pub const MAX_DATA_TIME: Duration = Duration::from_secs(600);
 
 /// An SMTP reply: a code and text (which starts with an enhanced status code).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -352,7 +354,11 @@ where
                     )
                     .await?;
                     messages += 1;
-                    let data = read_data(r, limits).await?;
+                    let data = match tokio::time::timeout(MAX_DATA_TIME, read_data(r, limits)).await
+                    {
+                        Ok(d) => d?,
+                        Err(_) => Data::Timeout,
+                    };
                     match data {
                         Data::Eof => return Ok(()),
                         Data::Timeout => {
