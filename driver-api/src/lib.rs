@@ -108,6 +108,8 @@
 //! * After loading, the host forbids `exec` and opening files for writing; read what you
 //!   need in `start`.
 
+#![warn(missing_docs)]
+
 pub mod abi;
 mod conn;
 mod context;

@@ -31,6 +31,8 @@
 //! `*.internal.example` apply to Host and SNI as well). Virtual hosting cannot be used
 //! to reach a name the grain did not ask for.
 
+#![warn(missing_docs)]
+
 pub mod mediate;
 pub mod sni;
 

@@ -31,6 +31,8 @@
 //! port and delivers each accepted message to the grain's `TcpPort` as one stream (see
 //! [`inbound`] for the framing), with `[inbound]` size and recipient limits.
 
+#![warn(missing_docs)]
+
 pub mod inbound;
 pub mod message;
 pub mod options;

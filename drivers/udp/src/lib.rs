@@ -11,6 +11,8 @@
 //! Options: only the standard ones; `udp_idle_secs` sets how long a mapping lives without
 //! traffic (default 60).
 
+#![warn(missing_docs)]
+
 use capnet_driver_api::capnet_schemas::ids;
 use capnet_driver_api::{Driver, DriverError, DriverHost, Manifest, Privileges, Provided};
 
