@@ -310,6 +310,9 @@ http {{
             .arg(&conf)
             .arg("-p")
             .arg(dir.path())
+            // The error log before the configuration is read, too: never /var/log.
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -240,7 +240,7 @@ impl HostCheck for Check {
     }
 
     fn allowed(&self, what: &str) {
-        tracing::debug!(grant = %self.cx.grant_id(), "http: {what}");
+        self.cx.report(EventKind::Other, format!("http: {what}"));
     }
 }
 

@@ -40,7 +40,7 @@ pub trait HostCheck {
     fn check(&self, authority: &str) -> Result<(), String>;
     /// Reports a refusal.
     fn refused(&self, what: &str);
-    /// Reports a request that went through.
+    /// Reports a request (or a TLS connection) that was allowed through.
     fn allowed(&self, what: &str);
 }
 
