@@ -372,3 +372,22 @@ system_ca = false
         assert_closed(&mut c).await;
     });
 }
+
+/// The `[drivers.http.options]` of `config/demo.toml` start the driver, so the shipped
+/// demo configuration cannot drift from what the driver accepts.
+#[test]
+fn the_demo_configuration_starts_the_driver() {
+    run(async {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/demo.toml");
+        let text = std::fs::read_to_string(path).expect("config/demo.toml");
+        let config: toml::Table = toml::from_str(&text).expect("demo.toml is TOML");
+        let options = toml::to_string(&config["drivers"]["http"]["options"]).expect("options");
+        Harness::start::<HttpDriver>(HarnessConfig {
+            name: "http".into(),
+            options_toml: options,
+            ..HarnessConfig::default()
+        })
+        .await
+        .expect("the demo's http options are valid");
+    });
+}

@@ -518,3 +518,30 @@ fn inbound_mail_reaches_the_grain_within_limits() {
         assert_eq!(c.cmd("QUIT").await.0, 221);
     });
 }
+
+/// The `[drivers.smtp.options]` of `config/demo.toml` start the driver (profiles, relay,
+/// CA file), so the shipped demo configuration cannot drift from what the driver accepts.
+#[test]
+fn the_demo_configuration_starts_the_driver() {
+    run(async {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/demo.toml");
+        let text = std::fs::read_to_string(path).expect("config/demo.toml");
+        let ca = TestCa::new(&["localhost"]).expect("CA");
+        let dir = ca
+            .ca_file()
+            .parent()
+            .expect("the CA's directory")
+            .to_path_buf();
+        let text = text.replace("${DEMO_DIR}", &dir.display().to_string());
+        let config: toml::Table = toml::from_str(&text).expect("demo.toml is TOML");
+        let options = config["drivers"]["smtp"]["options"].clone();
+        let options = toml::to_string(&options).expect("options");
+        Harness::start::<SmtpDriver>(HarnessConfig {
+            name: "smtp".into(),
+            options_toml: options,
+            ..HarnessConfig::default()
+        })
+        .await
+        .expect("the demo's smtp options are valid");
+    });
+}
