@@ -14,6 +14,8 @@
 //! pointer identity of the resolved client hook ([`capnp::capability::get_resolved_cap`],
 //! bounded by [`RESOLVE_TIMEOUT`] so a never-resolving promise cannot stall the call). The
 //! mapping holds that client, so the identity cannot be reused while the mapping lives.
+//! A send without a `returnPort` uses one mapping per grant and family whose replies are
+//! dropped.
 //! The supervisor's membrane forwards every copy of one grain port as one proxy, so the
 //! identity survives the extra hop.
 //!
@@ -185,8 +187,26 @@ impl RefusalAudit {
     }
 }
 
+/// The return port of datagrams sent without one: replies are dropped.
+struct Discard;
+
+impl udp_port::Server for Discard {
+    async fn send(
+        self: Rc<Self>,
+        _: udp_port::SendParams,
+        _: udp_port::SendResults,
+    ) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
 /// Resolves `port` to its final capability and returns its identity (see the module doc).
-async fn identity(port: udp_port::Client) -> Result<(usize, udp_port::Client), Error> {
+/// No port (a null capability) is identity 0, which no real capability has: such sends
+/// share one mapping per grant and family whose replies are dropped.
+async fn identity(port: Option<udp_port::Client>) -> Result<(usize, udp_port::Client), Error> {
+    let Some(port) = port else {
+        return Ok((0, capnp_rpc::new_client(Discard)));
+    };
     let resolved = tokio::time::timeout(RESOLVE_TIMEOUT, async {
         capnp::capability::get_resolved_cap(port).await
     })
@@ -479,7 +499,7 @@ impl Drop for Mapping {
 /// The grant's mapping for `return_port` and family, opened if needed.
 async fn mapping_for(
     g: &Rc<GrantState>,
-    return_port: udp_port::Client,
+    return_port: Option<udp_port::Client>,
     ipv6: bool,
 ) -> Result<Rc<Mapping>, Error> {
     let (ptr, return_port) = identity(return_port).await?;
@@ -598,7 +618,11 @@ impl udp_port::Server for UdpPortImpl {
         }
         let p = params.get()?;
         let payload = p.get_message()?;
-        let return_port = p.get_return_port()?;
+        let return_port = if p.has_return_port() {
+            Some(p.get_return_port()?)
+        } else {
+            None
+        };
         check_limits(g, &self.target.to_string(), payload.len())?;
         let dest = self.destination().await?;
         let mapping = mapping_for(g, return_port, dest.is_ipv6()).await?;

@@ -525,3 +525,26 @@ fn the_inspect_hook_refuses_datagrams() {
         .await;
     });
 }
+
+/// A send without a returnPort (a null capability, as some clients send when they want no
+/// answer) still goes out; the reply is dropped. Protects interoperability with clients
+/// that leave returnPort empty.
+#[test]
+fn a_send_without_a_return_port_goes_out() {
+    run(async {
+        let echo = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let h = harness("", &["127.0.0.1"]).await;
+        let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
+        let net = grant.network().await.expect("network");
+        let port = udp_port_to(&net, "127.0.0.1", echo.local_addr().expect("addr").port()).await;
+        let mut req = port.send_request();
+        req.get().set_message(b"fire and forget");
+        req.send().promise.await.expect("send without a returnPort");
+        let mut buf = [0u8; 64];
+        let (n, _) = tokio::time::timeout(WAIT, echo.recv_from(&mut buf))
+            .await
+            .expect("in time")
+            .expect("recv");
+        assert_eq!(&buf[..n], b"fire and forget");
+    });
+}

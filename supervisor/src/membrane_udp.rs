@@ -99,12 +99,18 @@ impl udp_port::Server for UdpPortProxy {
         g.touch();
         let p = params.get()?;
         let message = p.get_message()?;
-        let return_port = p.get_return_port()?;
-        let wrapped = return_port_for(g, return_port).await?;
+        // No returnPort: the grain does not want replies; the driver drops them.
+        let wrapped = if p.has_return_port() {
+            Some(return_port_for(g, p.get_return_port()?).await?)
+        } else {
+            None
+        };
         let port = self.driver_port().await?;
         let mut req = port.send_request();
         req.get().set_message(message);
-        req.get().set_return_port(wrapped);
+        if let Some(w) = wrapped {
+            req.get().set_return_port(w);
+        }
         g.bytes_out.set(g.bytes_out.get() + message.len() as u64);
         req.send().promise.await?;
         Ok(())
