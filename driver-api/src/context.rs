@@ -14,7 +14,7 @@ use crate::events::{Event, EventKind};
 use crate::grant::GrantState;
 use crate::host::DriverHost;
 use crate::policy::{Direction, RuleSource, Transport};
-use crate::resolve::{VetError, resolve_vetted};
+use crate::resolve::{VetError, Vetted, resolve_vetted};
 
 /// How long an outbound TCP connect may take before it fails.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -71,6 +71,24 @@ impl ConnectContext {
         &self.grant.host
     }
 
+    /// Whether the grant has been revoked since (a protocol driver checks this before
+    /// acting on what the grain said, such as relaying a message).
+    pub fn is_revoked(&self) -> bool {
+        self.grant.is_revoked()
+    }
+
+    /// The grant's egress policy (driver and grant rules over the defaults), for protocol
+    /// drivers that check names the grain gives inside the protocol (an HTTP Host header,
+    /// a TLS SNI) against the same rules.
+    pub fn policy(&self) -> &crate::policy::Policy {
+        &self.grant.policy
+    }
+
+    /// The grant's limits, for protocol drivers that enforce their own on top.
+    pub fn limits(&self) -> crate::Limits {
+        self.grant.limiter.limits()
+    }
+
     /// Reports an audit event about this connection.
     pub fn report(&self, kind: EventKind, detail: impl Into<String>) {
         self.grant
@@ -89,72 +107,17 @@ impl ConnectContext {
     /// Like [`dial`](Self::dial) but to another port of the same host (protocol drivers
     /// that map a port, for example).
     pub async fn dial_port(&self, port: u16) -> Result<TcpStream, DriverError> {
+        self.dial_host(&self.target.host, port).await
+    }
+
+    /// Like [`dial`](Self::dial) but to another host, for protocol drivers that connect
+    /// somewhere other than where the grain pointed (an SMTP driver's configured relay,
+    /// for example). The grant's policy still vets every address, so an administrator
+    /// allows a relay on a private address with a rule, like any other destination.
+    pub async fn dial_host(&self, host: &HostSpec, port: u16) -> Result<TcpStream, DriverError> {
         let g = &self.grant;
         let hs = &g.host;
-        if let HostSpec::Name(n) = &self.target.host
-            && !hs.privileges().dns
-            && !hs.has_static_host(n.as_str())
-        {
-            return Err(DriverError::Refused {
-                what: format!("resolving {n}"),
-                rule: "the driver was not approved for DNS".into(),
-            });
-        }
-        let vetted = resolve_vetted(
-            &g.policy,
-            hs.resolver(),
-            &self.target.host,
-            port,
-            Direction::Outbound,
-            Transport::Tcp,
-        )
-        .await;
-        let refused = match &vetted {
-            Ok(v) => v.refused(),
-            Err(e) => e.refused(),
-        };
-        for r in refused {
-            g.refusals.set(g.refusals.get() + 1);
-            hs.report(
-                Event::new(
-                    &g.id,
-                    EventKind::ConnectRefused,
-                    SocketAddr::new(r.addr, port).to_string(),
-                )
-                .rule(r.decision.rule.to_string())
-                .detail(format!(
-                    "{} resolved to a refused address",
-                    self.target.host
-                )),
-            );
-        }
-        let vetted = match vetted {
-            Ok(v) => v,
-            Err(VetError::Denied {
-                host,
-                port,
-                decision,
-            }) => {
-                g.refusals.set(g.refusals.get() + 1);
-                hs.report(
-                    Event::new(&g.id, EventKind::ConnectRefused, format!("{host}:{port}"))
-                        .rule(decision.rule.to_string()),
-                );
-                return Err(DriverError::Refused {
-                    what: format!("connect to {}", Target { host, port }),
-                    rule: decision.rule.to_string(),
-                });
-            }
-            Err(VetError::NotFound { name, .. }) => {
-                return Err(DriverError::NotFound(name.to_string()));
-            }
-            Err(e) => {
-                return Err(DriverError::Other(format!(
-                    "resolving {}: {e}",
-                    self.target.host
-                )));
-            }
-        };
+        let vetted = vet_target(g, host, port, Transport::Tcp).await?;
         let mut last = None;
         for a in vetted.allowed() {
             let dest = a.socket_addr();
@@ -170,7 +133,7 @@ impl ConnectContext {
                     hs.report(
                         Event::new(&g.id, EventKind::ConnectAllowed, dest.to_string())
                             .rule(rule.to_string())
-                            .detail(match &self.target.host {
+                            .detail(match host {
                                 HostSpec::Name(n) => format!("name {n}; {source}"),
                                 HostSpec::Addr(_) => source.to_string(),
                             }),
@@ -189,7 +152,7 @@ impl ConnectContext {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| DriverError::NotFound(self.target.host.to_string())))
+        Err(last.unwrap_or_else(|| DriverError::NotFound(host.to_string())))
     }
 
     /// Turns a dialled socket into the grain's connection, wrapping it in verified TLS when
@@ -213,6 +176,90 @@ impl ConnectContext {
     }
 }
 
+/// Resolves `host` once for the grant and vets every address for `transport`, reporting
+/// each refused address (`ConnectRefused` for TCP, `DatagramRefused` for UDP) and
+/// counting it as a refusal. Names need the DNS privilege (or a static host entry).
+pub(crate) async fn vet_target(
+    g: &GrantState,
+    host: &HostSpec,
+    port: u16,
+    transport: Transport,
+) -> Result<Vetted, DriverError> {
+    let hs = &g.host;
+    let refused_kind = match transport {
+        Transport::Tcp => EventKind::ConnectRefused,
+        Transport::Udp => EventKind::DatagramRefused,
+    };
+    if let HostSpec::Name(n) = host
+        && !hs.privileges().dns
+        && !hs.has_static_host(n.as_str())
+    {
+        return Err(DriverError::Refused {
+            what: format!("resolving {n}"),
+            rule: "the driver was not approved for DNS".into(),
+        });
+    }
+    let vetted = resolve_vetted(
+        &g.policy,
+        hs.resolver(),
+        host,
+        port,
+        Direction::Outbound,
+        transport,
+    )
+    .await;
+    let refused = match &vetted {
+        Ok(v) => v.refused(),
+        Err(e) => e.refused(),
+    };
+    for r in refused {
+        g.refusals.set(g.refusals.get() + 1);
+        hs.report(
+            Event::new(
+                &g.id,
+                refused_kind,
+                SocketAddr::new(r.addr, port).to_string(),
+            )
+            .rule(r.decision.rule.to_string())
+            .detail(format!("{host} resolved to a refused address")),
+        );
+    }
+    match vetted {
+        Ok(v) => Ok(v),
+        Err(VetError::Denied {
+            host,
+            port,
+            decision,
+        }) => {
+            g.refusals.set(g.refusals.get() + 1);
+            hs.report(
+                Event::new(
+                    &g.id,
+                    refused_kind,
+                    format!(
+                        "{}",
+                        Target {
+                            host: host.clone(),
+                            port
+                        }
+                    ),
+                )
+                .rule(decision.rule.to_string()),
+            );
+            let verb = match transport {
+                Transport::Tcp => "connect to",
+                Transport::Udp => "send a datagram to",
+            };
+            Err(DriverError::Refused {
+                what: format!("{verb} {}", Target { host, port }),
+                rule: decision.rule.to_string(),
+            })
+        }
+        Err(VetError::NotFound { name, .. }) => Err(DriverError::NotFound(name.to_string())),
+        Err(e) => Err(DriverError::Other(format!("resolving {host}: {e}"))),
+    }
+}
+
 /// A listen request, passed to [`Driver::listen`](crate::Driver::listen).
 pub struct ListenContext {
     pub(crate) grant: Rc<GrantState>,
@@ -223,6 +270,28 @@ impl ListenContext {
     /// The grant this listener belongs to.
     pub fn grant_id(&self) -> &str {
         &self.grant.id
+    }
+
+    /// The grain the listener is for.
+    pub fn grain_id(&self) -> &str {
+        &self.grant.grain
+    }
+
+    /// Whether the grant has been revoked since.
+    pub fn is_revoked(&self) -> bool {
+        self.grant.is_revoked()
+    }
+
+    /// Reports an audit event about this listener (destination: the peer or the port).
+    pub fn report(
+        &self,
+        kind: EventKind,
+        destination: impl Into<String>,
+        detail: impl Into<String>,
+    ) {
+        self.grant
+            .host
+            .report(Event::new(&self.grant.id, kind, destination).detail(detail));
     }
 
     /// The port to listen on.

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::context::{ConnectContext, ListenContext};
 use crate::host::DriverHost;
 use crate::manifest::Manifest;
+use crate::udp::{Datagram, UdpBindContext};
 
 /// A bidirectional byte stream: a socket, a TLS session, or one end of an in-memory pipe
 /// whose other end a protocol mediator serves.
@@ -163,6 +164,39 @@ pub trait Driver: Sized + 'static {
                 .await
                 .map(|l| Box::new(l) as Box<dyn Listener>)
         }
+    }
+
+    /// Opens the local socket of a new outbound UDP mapping (one per grant, `returnPort`
+    /// and address family; see [`crate::udp`]).
+    ///
+    /// driver-api has already checked the grant, the outbound policy for the destination
+    /// and the datagram limits. The default binds an ephemeral port on the unspecified
+    /// address of the family.
+    fn bind_udp(
+        self: Rc<Self>,
+        cx: UdpBindContext,
+    ) -> impl Future<Output = Result<tokio::net::UdpSocket, DriverError>> + 'static {
+        async move { cx.bind_ephemeral().await }
+    }
+
+    /// Opens the sockets of a grain's `IpInterface.listenUdp`.
+    ///
+    /// driver-api has already checked the grant, the inbound policy for the port and the
+    /// listener limit. The default binds the port on every configured listen address.
+    fn listen_udp(
+        self: Rc<Self>,
+        cx: ListenContext,
+    ) -> impl Future<Output = Result<Vec<tokio::net::UdpSocket>, DriverError>> + 'static {
+        async move { cx.bind_udp().await }
+    }
+
+    /// Inspects one datagram after the policy and the limits admitted it: outbound before
+    /// it is sent, inbound before it is delivered to the grain. An error refuses it (an
+    /// outbound send fails with the error; an inbound datagram is dropped); both are
+    /// audited. The default admits everything.
+    fn inspect_datagram(&self, datagram: &Datagram<'_>) -> Result<(), DriverError> {
+        let _ = datagram;
+        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Every object derived from a grant (network, remote host, port, connection, listener)
 //! holds the grant's state. Revoking the grant (an explicit `revoke` or the supervisor
-//! releasing the session) closes every connection and listener at once and makes every
+//! releasing the session) closes every connection, listener and UDP mapping at once and makes every
 //! later call fail with a `revoked:` error.
 
 use std::cell::{Cell, RefCell};
@@ -17,6 +17,7 @@ use crate::limits::{ConnectionPermit, GrantLimiter, LimitError, Limits, Listener
 use crate::listen::ListenerShared;
 use crate::policy::{HostSpec, Policy, canonical_ip};
 use crate::servers::DynDriver;
+use crate::udp::{Mappings, UdpListener};
 
 /// What a narrow grant may reach at most (empty/zero: anything the policy allows).
 #[derive(Clone, Debug, Default)]
@@ -72,6 +73,8 @@ pub(crate) struct GrantState {
     revoked: RefCell<Option<String>>,
     conns: RefCell<Vec<Weak<ConnShared>>>,
     listeners: RefCell<Vec<Weak<ListenerShared>>>,
+    udp_listeners: RefCell<Vec<Weak<UdpListener>>>,
+    pub(crate) udp_mappings: Mappings,
     pub(crate) bytes_in: Cell<u64>,
     pub(crate) bytes_out: Cell<u64>,
     pub(crate) open_connections: Cell<u32>,
@@ -107,6 +110,8 @@ impl GrantState {
             revoked: RefCell::new(None),
             conns: RefCell::new(Vec::new()),
             listeners: RefCell::new(Vec::new()),
+            udp_listeners: RefCell::new(Vec::new()),
+            udp_mappings: Mappings::default(),
             bytes_in: Cell::new(0),
             bytes_out: Cell::new(0),
             open_connections: Cell::new(0),
@@ -145,6 +150,11 @@ impl GrantState {
         for l in listeners.iter().filter_map(Weak::upgrade) {
             l.stop("revoked");
         }
+        let udp = std::mem::take(&mut *self.udp_listeners.borrow_mut());
+        for l in udp.iter().filter_map(Weak::upgrade) {
+            l.stop("revoked");
+        }
+        self.udp_mappings.close_all(&format!("revoked: {reason}"));
     }
 
     pub(crate) fn register_conn(&self, c: &Rc<ConnShared>) {
@@ -155,6 +165,12 @@ impl GrantState {
 
     pub(crate) fn register_listener(&self, l: &Rc<ListenerShared>) {
         let mut ls = self.listeners.borrow_mut();
+        ls.retain(|w| w.strong_count() > 0);
+        ls.push(Rc::downgrade(l));
+    }
+
+    pub(crate) fn register_udp_listener(&self, l: &Rc<UdpListener>) {
+        let mut ls = self.udp_listeners.borrow_mut();
         ls.retain(|w| w.strong_count() > 0);
         ls.push(Rc::downgrade(l));
     }

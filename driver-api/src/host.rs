@@ -19,8 +19,13 @@ use crate::resolve::{Resolver, ResolverOptions};
 
 /// Keys of `[drivers.NAME.options]` that driver-api handles for every driver; the rest is
 /// given to the driver's own `Options` type.
-pub const STANDARD_OPTION_KEYS: &[&str] =
-    &["nameservers", "static_hosts", "extra_ca_files", "system_ca"];
+pub const STANDARD_OPTION_KEYS: &[&str] = &[
+    "nameservers",
+    "static_hosts",
+    "extra_ca_files",
+    "system_ca",
+    "udp_idle_secs",
+];
 
 /// Options every driver accepts in `[drivers.NAME.options]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -38,6 +43,9 @@ pub struct StandardOptions {
     /// Whether to trust the system CA certificates (default true).
     #[serde(default = "yes")]
     pub system_ca: bool,
+    /// Seconds a UDP mapping lives without a datagram in either direction (default 60).
+    #[serde(default)]
+    pub udp_idle_secs: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -51,6 +59,7 @@ impl Default for StandardOptions {
             static_hosts: BTreeMap::new(),
             extra_ca_files: Vec::new(),
             system_ca: true,
+            udp_idle_secs: None,
         }
     }
 }
@@ -149,6 +158,14 @@ impl DriverHost {
     /// The standard options (resolver, CA files).
     pub fn standard_options(&self) -> &StandardOptions {
         &self.state.options
+    }
+
+    /// How long a UDP mapping lives without traffic (`udp_idle_secs`).
+    pub fn udp_idle(&self) -> std::time::Duration {
+        match self.state.options.udp_idle_secs {
+            Some(s) if s > 0 => std::time::Duration::from_secs(s),
+            _ => crate::udp::DEFAULT_UDP_IDLE,
+        }
     }
 
     /// Reports an audit event.

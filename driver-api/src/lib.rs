@@ -9,13 +9,20 @@
 //! ## What you write and what you get
 //!
 //! You implement the protocol part, as the [`Driver`] trait: how to open an outbound
-//! connection ([`Driver::connect`]) and how to listen ([`Driver::listen`]). Both have
-//! defaults that do plain TCP, so a pure TCP driver is a manifest and nothing else.
+//! connection ([`Driver::connect`]) and how to listen ([`Driver::listen`]), both with
+//! defaults that do plain TCP, and for UDP how to open a mapping's socket
+//! ([`Driver::bind_udp`]), how to listen ([`Driver::listen_udp`]) and which datagrams to
+//! let through ([`Driver::inspect_datagram`]), with defaults that do plain UDP. A pure
+//! TCP or UDP driver is a manifest and nothing else. A protocol driver (SMTP, HTTP)
+//! returns from `connect` a stream it mediates, such as one end of a
+//! `tokio::io::duplex` whose other end its protocol task serves, and uses
+//! [`ConnectContext::dial`] or [`ConnectContext::dial_host`] for the real connection.
 //!
 //! The crate gives you, generically and once for every driver:
 //! * the ABI exports and the Cap'n Proto plumbing ([`export_driver!`]);
-//! * the `IpNetwork`, `IpRemoteHost`, `TcpPort`, `IpInterface`, `ByteStream` and `Handle`
-//!   server objects, with flow control, half-close and clean teardown;
+//! * the `IpNetwork`, `IpRemoteHost`, `TcpPort`, `UdpPort`, `IpInterface`, `ByteStream`
+//!   and `Handle` server objects, with flow control, half-close and clean teardown, and
+//!   NAT-like UDP mappings per return port ([`udp`]);
 //! * the egress policy (deny by default all but public unicast; the administrator's rules
 //!   and the grant's narrowing), name resolution that vets every address
 //!   ([`ConnectContext::dial`]);
@@ -101,6 +108,8 @@
 //! * After loading, the host forbids `exec` and opening files for writing; read what you
 //!   need in `start`.
 
+#![warn(missing_docs)]
+
 pub mod abi;
 mod conn;
 mod context;
@@ -118,6 +127,7 @@ mod servers;
 mod sys;
 pub mod testing;
 pub mod tls;
+pub mod udp;
 
 pub use capnet_schemas;
 pub use context::{CONNECT_TIMEOUT, ConnectContext, HostSpec, ListenContext, Target, TcpListeners};
@@ -127,3 +137,4 @@ pub use host::{DriverHost, STANDARD_OPTION_KEYS, StandardOptions, split_options}
 pub use limits::Limits;
 pub use manifest::{Manifest, Privileges, Provided};
 pub use serve::ServeError;
+pub use udp::{Datagram, UdpBindContext};

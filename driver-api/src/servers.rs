@@ -13,7 +13,7 @@ use std::rc::Rc;
 use capnet_schemas::bytestream::WriterStream;
 use capnet_schemas::descriptor::Encryption;
 use capnet_schemas::driver_capnp::{driver, grant_session, grant_spec};
-use capnet_schemas::ip_capnp::{ip_interface, ip_network, ip_remote_host, tcp_port};
+use capnet_schemas::ip_capnp::{ip_interface, ip_network, ip_remote_host, tcp_port, udp_port};
 use capnet_schemas::policy_capnp::policy;
 use capnp::Error;
 use futures::future::LocalBoxFuture;
@@ -28,6 +28,7 @@ use crate::limits::Limits;
 use crate::listen::{ListenHandleImpl, ListenerShared};
 use crate::manifest::Privileges;
 use crate::policy::{Policy, Target as PolicyTarget, Transport};
+use crate::udp::{Datagram, UdpBindContext, UdpListenHandleImpl, UdpListener, UdpPortImpl};
 
 /// The plugin's `Driver`, without its type.
 pub(crate) trait DynDriver {
@@ -39,6 +40,15 @@ pub(crate) trait DynDriver {
         &self,
         cx: ListenContext,
     ) -> LocalBoxFuture<'static, Result<Box<dyn Listener>, DriverError>>;
+    fn bind_udp(
+        &self,
+        cx: UdpBindContext,
+    ) -> LocalBoxFuture<'static, Result<tokio::net::UdpSocket, DriverError>>;
+    fn listen_udp(
+        &self,
+        cx: ListenContext,
+    ) -> LocalBoxFuture<'static, Result<Vec<tokio::net::UdpSocket>, DriverError>>;
+    fn inspect_datagram(&self, datagram: &Datagram<'_>) -> Result<(), DriverError>;
 }
 
 struct Erased<D>(Rc<D>);
@@ -56,6 +66,24 @@ impl<D: Driver> DynDriver for Erased<D> {
         cx: ListenContext,
     ) -> LocalBoxFuture<'static, Result<Box<dyn Listener>, DriverError>> {
         Box::pin(self.0.clone().listen(cx))
+    }
+
+    fn bind_udp(
+        &self,
+        cx: UdpBindContext,
+    ) -> LocalBoxFuture<'static, Result<tokio::net::UdpSocket, DriverError>> {
+        Box::pin(self.0.clone().bind_udp(cx))
+    }
+
+    fn listen_udp(
+        &self,
+        cx: ListenContext,
+    ) -> LocalBoxFuture<'static, Result<Vec<tokio::net::UdpSocket>, DriverError>> {
+        Box::pin(self.0.clone().listen_udp(cx))
+    }
+
+    fn inspect_datagram(&self, datagram: &Datagram<'_>) -> Result<(), DriverError> {
+        self.0.inspect_datagram(datagram)
     }
 }
 
@@ -356,6 +384,32 @@ impl ip_remote_host::Server for RemoteHostImpl {
         })();
         std::future::ready(r)
     }
+
+    fn get_udp_port(
+        self: Rc<Self>,
+        params: ip_remote_host::GetUdpPortParams,
+        mut results: ip_remote_host::GetUdpPortResults,
+    ) -> impl Future<Output = Result<(), Error>> + 'static {
+        let r = (|| {
+            self.grant.check_live()?;
+            let port = params.get()?.get_port_num();
+            if port == 0 {
+                return Err(Error::failed("port 0 is not a valid destination".into()));
+            }
+            self.grant.scope.check_port(&self.grant.id, port)?;
+            let p: udp_port::Client = capnp_rpc::new_client(UdpPortImpl {
+                grant: self.grant.clone(),
+                target: Target {
+                    host: self.host.clone(),
+                    port,
+                },
+                vetted: RefCell::new(None),
+            });
+            results.get().set_port(p);
+            Ok(())
+        })();
+        std::future::ready(r)
+    }
 }
 
 /// `TcpPort` under one grant: one host and port.
@@ -462,33 +516,7 @@ impl ip_interface::Server for InterfaceImpl {
             }
             .into());
         }
-        let mut d = None;
-        for addr in g.host.listen_addresses() {
-            let decision = g
-                .policy
-                .decide(&PolicyTarget::inbound(*addr, port_num, Transport::Tcp));
-            if d.is_none() || !decision.allowed {
-                d = Some(decision);
-            }
-        }
-        let Some(d) = d else {
-            return Err(
-                DriverError::Other("the driver has no listen addresses configured".into()).into(),
-            );
-        };
-        if !d.allowed {
-            g.refusals.set(g.refusals.get() + 1);
-            g.host.report(
-                Event::new(&g.id, EventKind::ConnectRefused, format!("port {port_num}"))
-                    .rule(d.rule.to_string())
-                    .detail("listen refused"),
-            );
-            return Err(DriverError::Refused {
-                what: format!("listen on port {port_num}"),
-                rule: d.rule.to_string(),
-            }
-            .into());
-        }
+        check_listen_policy(g, port_num, Transport::Tcp)?;
         let permit = match g.admit_listener() {
             Ok(p) => p,
             Err(e) => {
@@ -512,15 +540,80 @@ impl ip_interface::Server for InterfaceImpl {
         Ok(())
     }
 
-    fn listen_udp(
+    async fn listen_udp(
         self: Rc<Self>,
-        _: ip_interface::ListenUdpParams,
-        _: ip_interface::ListenUdpResults,
-    ) -> impl Future<Output = Result<(), Error>> + 'static {
-        std::future::ready(Err(DriverError::Unsupported(format!(
-            "driver {} does not serve UDP",
-            self.grant.host.name()
-        ))
-        .into()))
+        params: ip_interface::ListenUdpParams,
+        mut results: ip_interface::ListenUdpResults,
+    ) -> Result<(), Error> {
+        let g = &self.grant;
+        g.check_live()?;
+        let p = params.get()?;
+        let port_num = p.get_port_num();
+        let port: udp_port::Client = p.get_port()?;
+        if !g.host.privileges().inbound_udp {
+            return Err(DriverError::Refused {
+                what: format!("listen for UDP on port {port_num}"),
+                rule: "the driver was not approved for inbound UDP".into(),
+            }
+            .into());
+        }
+        check_listen_policy(g, port_num, Transport::Udp)?;
+        let permit = match g.admit_listener() {
+            Ok(p) => p,
+            Err(e) => {
+                g.host.report(
+                    Event::new(&g.id, EventKind::LimitHit, format!("udp port {port_num}"))
+                        .detail(e.to_string()),
+                );
+                return Err(DriverError::Limit(e.to_string()).into());
+            }
+        };
+        let cx = ListenContext {
+            grant: g.clone(),
+            port: port_num,
+        };
+        let sockets = g.driver.listen_udp(cx).await?;
+        g.check_live()?;
+        let listener = UdpListener::start(g, port_num, sockets, port, permit);
+        let h: capnet_schemas::util_capnp::handle::Client =
+            capnp_rpc::new_client(UdpListenHandleImpl { listener });
+        results.get().set_handle(h);
+        Ok(())
     }
+}
+
+/// Vets listening on `port_num` on every listen address; audits and fails on a refusal.
+fn check_listen_policy(g: &GrantState, port_num: u16, transport: Transport) -> Result<(), Error> {
+    let mut d = None;
+    for addr in g.host.listen_addresses() {
+        let decision = g
+            .policy
+            .decide(&PolicyTarget::inbound(*addr, port_num, transport));
+        if d.is_none() || !decision.allowed {
+            d = Some(decision);
+        }
+    }
+    let Some(d) = d else {
+        return Err(
+            DriverError::Other("the driver has no listen addresses configured".into()).into(),
+        );
+    };
+    if !d.allowed {
+        g.refusals.set(g.refusals.get() + 1);
+        let (kind, what) = match transport {
+            Transport::Tcp => (EventKind::ConnectRefused, format!("port {port_num}")),
+            Transport::Udp => (EventKind::DatagramRefused, format!("udp port {port_num}")),
+        };
+        g.host.report(
+            Event::new(&g.id, kind, what)
+                .rule(d.rule.to_string())
+                .detail("listen refused"),
+        );
+        return Err(DriverError::Refused {
+            what: format!("listen on port {port_num}"),
+            rule: d.rule.to_string(),
+        }
+        .into());
+    }
+    Ok(())
 }

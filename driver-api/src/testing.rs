@@ -99,9 +99,10 @@ pub struct Harness {
     driver: driver::Client,
     manifest: Manifest,
     events: Rc<RefCell<Vec<Event>>>,
+    new_event: Rc<tokio::sync::Notify>,
 }
 
-struct Recorder(Rc<RefCell<Vec<Event>>>);
+struct Recorder(Rc<RefCell<Vec<Event>>>, Rc<tokio::sync::Notify>);
 
 impl event_sink::Server for Recorder {
     fn report(
@@ -112,7 +113,10 @@ impl event_sink::Server for Recorder {
             .get()
             .and_then(|p| p.get_event())
             .and_then(Event::read)
-            .map(|e| self.0.borrow_mut().push(e));
+            .map(|e| {
+                self.0.borrow_mut().push(e);
+                self.1.notify_waiters();
+            });
         std::future::ready(r)
     }
 }
@@ -128,7 +132,9 @@ impl Harness {
         tokio::task::spawn_local(rpc);
 
         let events = Rc::new(RefCell::new(Vec::new()));
-        let sink: event_sink::Client = capnp_rpc::new_client(Recorder(events.clone()));
+        let new_event = Rc::new(tokio::sync::Notify::new());
+        let sink: event_sink::Client =
+            capnp_rpc::new_client(Recorder(events.clone(), new_event.clone()));
         let mut req = driver.start_request();
         {
             let mut p = req.get();
@@ -153,6 +159,7 @@ impl Harness {
             driver,
             manifest,
             events,
+            new_event,
         })
     }
 
@@ -191,6 +198,27 @@ impl Harness {
     /// The audit events the driver has reported so far.
     pub fn events(&self) -> Vec<Event> {
         self.events.borrow().clone()
+    }
+
+    /// Waits until the driver has reported an event for which `matches` holds (or one
+    /// already was), and returns it; `None` if none arrives within `timeout`.
+    pub async fn wait_event(
+        &self,
+        timeout: std::time::Duration,
+        matches: impl Fn(&Event) -> bool,
+    ) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.new_event.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(e) = self.events.borrow().iter().find(|e| matches(e)) {
+                return Some(e.clone());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
     }
 }
 

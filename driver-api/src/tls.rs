@@ -13,6 +13,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+pub use rustls::ClientConfig;
+
 /// Building the TLS client configuration failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {

@@ -764,6 +764,50 @@ fn sealed_plugin(slot: &Slot) -> Result<OwnedFd, StartError> {
     sealed_bytes(&bytes)
 }
 
+/// What a driver host sees read-only besides the system files the sandbox always gives
+/// it: the system directories and every file named in the driver's `extra_ca_files`
+/// option, at the same path inside, so a driver can trust a private CA.
+fn host_binds(driver: &str, options: &toml::Table) -> Result<Vec<(PathBuf, PathBuf)>, StartError> {
+    let mut binds = SandboxSpec::system_binds();
+    let Some(files) = options.get("extra_ca_files") else {
+        return Ok(binds);
+    };
+    let bad = |what: String| {
+        StartError::Permanent(format!(
+            "driver {driver}: options.extra_ca_files {what}; give a list of absolute paths to \
+             PEM files"
+        ))
+    };
+    let files = files
+        .as_array()
+        .ok_or_else(|| bad("is not a list".to_string()))?;
+    for f in files {
+        let path = f
+            .as_str()
+            .map(PathBuf::from)
+            .ok_or_else(|| bad(format!("holds {f}, which is not a string")))?;
+        if !path.is_absolute()
+            || path
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(bad(format!(
+                "holds {}, which is not absolute",
+                path.display()
+            )));
+        }
+        if !path.is_file() {
+            return Err(StartError::Permanent(format!(
+                "driver {driver}: CA file {} in options.extra_ca_files does not exist or is not \
+                 a file; fix the path or remove it",
+                path.display()
+            )));
+        }
+        binds.push((path.clone(), path));
+    }
+    Ok(binds)
+}
+
 async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartError> {
     let plugin_fd = sealed_plugin(slot)?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()
@@ -808,7 +852,7 @@ async fn start_host(inner: &Rc<Inner>, slot: &Rc<Slot>) -> Result<Host, StartErr
         )],
         app_dir: None,
         var_dir: None,
-        ro_binds: SandboxSpec::system_binds(),
+        ro_binds: host_binds(&slot.name, &slot.config.options)?,
         tmp_size_bytes: limits.tmp_bytes,
         limits: limits.sandbox(),
         host_uid: host_id.uid(),
@@ -1063,5 +1107,57 @@ impl event_sink::Server for EventSinkImpl {
         let event = Event::read(params.get()?.get_event()?)?;
         (self.handler)(&self.driver, event);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(s: &str) -> toml::Table {
+        s.parse().expect("test options")
+    }
+
+    fn message(r: Result<Vec<(PathBuf, PathBuf)>, StartError>) -> String {
+        match r {
+            Err(StartError::Permanent(m)) => m,
+            Err(StartError::Transient(m)) => panic!("transient: {m}"),
+            Ok(b) => panic!("accepted: {b:?}"),
+        }
+    }
+
+    #[test]
+    fn extra_ca_files_are_bound_at_their_own_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "pem").expect("write");
+        let binds = host_binds("smtp", &options(&format!("extra_ca_files = [{ca:?}]")))
+            .unwrap_or_else(|_| panic!("refused"));
+        assert!(binds.contains(&(ca.clone(), ca)));
+        assert_eq!(
+            host_binds("tcp", &options("")).map(|b| b.len()).ok(),
+            Some(SandboxSpec::system_binds().len())
+        );
+    }
+
+    #[test]
+    fn bad_extra_ca_files_are_refused_with_the_reason() {
+        assert!(
+            message(host_binds("smtp", &options(r#"extra_ca_files = "x""#))).contains("not a list")
+        );
+        assert!(
+            message(host_binds(
+                "smtp",
+                &options(r#"extra_ca_files = ["ca.pem"]"#)
+            ))
+            .contains("not absolute")
+        );
+        assert!(
+            message(host_binds(
+                "smtp",
+                &options(r#"extra_ca_files = ["/nonexistent/ca.pem"]"#)
+            ))
+            .contains("does not exist")
+        );
     }
 }

@@ -28,6 +28,7 @@ pub mod drivers;
 pub mod grains;
 pub mod grants;
 pub mod membrane;
+pub mod membrane_udp;
 pub mod persist;
 pub mod powerbox;
 pub mod sandbox;

@@ -31,7 +31,7 @@ use crate::persist::SavedObject;
 
 /// How a proxy names a host.
 #[derive(Clone, Debug)]
-enum HostRef {
+pub(crate) enum HostRef {
     Addr(IpAddr),
     Name(String),
 }
@@ -101,9 +101,10 @@ pub fn restore_capability(grant: &Rc<Grant>, object: &SavedObject) -> capnp::cap
         | (SavedObject::TcpPort { host, port }, _) => {
             tcp_port(grant, HostRef::from_text(host), *port).client
         }
-        (SavedObject::Root, GrantKind::UdpPort { .. }) => capnp_rpc::new_broken_cap(
-            Error::unimplemented("unsupported: UDP grants are not served yet".into()),
-        ),
+        (SavedObject::Root, GrantKind::UdpPort { host, port })
+        | (SavedObject::UdpPort { host, port }, _) => {
+            crate::membrane_udp::udp_port_proxy(grant, HostRef::from_text(host), *port).client
+        }
     }
 }
 
@@ -146,6 +147,14 @@ persistent!(RemoteHostProxy, persistent_ip_remote_host::Server, |p| {
         host: p.host.text(),
     }
 });
+persistent!(
+    crate::membrane_udp::UdpPortProxy,
+    capnet_schemas::grain_capnp::persistent_udp_port::Server,
+    |p| SavedObject::UdpPort {
+        host: p.host.text(),
+        port: p.port,
+    }
+);
 persistent!(TcpPortProxy, persistent_tcp_port::Server, |p| {
     SavedObject::TcpPort {
         host: p.host.text(),
@@ -209,6 +218,18 @@ impl ip_remote_host::Server for RemoteHostProxy {
         results
             .get()
             .set_port(tcp_port(&self.grant, self.host.clone(), port));
+        Ok(())
+    }
+
+    async fn get_udp_port(
+        self: Rc<Self>,
+        params: ip_remote_host::GetUdpPortParams,
+        mut results: ip_remote_host::GetUdpPortResults,
+    ) -> Result<(), Error> {
+        self.grant.check_live()?;
+        let port = params.get()?.get_port_num();
+        let p = crate::membrane_udp::udp_port_proxy(&self.grant, self.host.clone(), port);
+        results.get().set_port(p);
         Ok(())
     }
 }
@@ -319,6 +340,14 @@ impl ip_interface::Server for InterfaceProxy {
             .get()
             .set_handle(capnp_rpc::new_client_from_rc::<handle::Client, _>(h));
         Ok(())
+    }
+
+    async fn listen_udp(
+        self: Rc<Self>,
+        params: ip_interface::ListenUdpParams,
+        results: ip_interface::ListenUdpResults,
+    ) -> Result<(), Error> {
+        crate::membrane_udp::listen_udp(&self.grant, params, results).await
     }
 }
 

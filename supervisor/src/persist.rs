@@ -38,6 +38,13 @@ pub enum SavedObject {
         /// The port.
         port: u16,
     },
+    /// A UDP port obtained from a granted network or host.
+    UdpPort {
+        /// The host.
+        host: String,
+        /// The port.
+        port: u16,
+    },
 }
 
 impl SavedObject {
@@ -46,6 +53,7 @@ impl SavedObject {
             SavedObject::Root => "the granted capability".into(),
             SavedObject::RemoteHost { host } => format!("IpRemoteHost {host}"),
             SavedObject::TcpPort { host, port } => format!("TcpPort {host}:{port}"),
+            SavedObject::UdpPort { host, port } => format!("UdpPort {host}:{port}"),
         }
     }
 }

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
 pub mod grain;
+pub mod peers;
 pub mod proxy;
 
 /// The directory holding the workspace's binaries and plugins (`target/<profile>`).
@@ -523,4 +524,36 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(0)
+}
+
+/// A UDP echo server (one thread) that answers each datagram with `from PORT: PAYLOAD`,
+/// where PORT is the sender's source port, so tests can see the NAT-like mapping.
+pub struct UdpEchoServer {
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl UdpEchoServer {
+    /// Starts one on `bind` (such as `127.0.0.1:0` or `[::1]:0`).
+    pub fn start(bind: &str) -> Result<Self> {
+        let s = std::net::UdpSocket::bind(bind)?;
+        let addr = s.local_addr()?;
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, peer)) = s.recv_from(&mut buf) {
+                let mut reply = format!("from {}: ", peer.port()).into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = s.send_to(&reply, peer);
+            }
+        });
+        Ok(Self { addr })
+    }
+}
+
+/// The last JSON line a grain printed whose `ok` field is present.
+pub fn grain_result(log: &str) -> Option<Value> {
+    log.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("ok").is_some())
 }

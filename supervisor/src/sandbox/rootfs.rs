@@ -13,7 +13,9 @@
 //!    `/app` ro, `/var` rw+noexec, `/tmp` tmpfs noexec with a size cap, `/dev` a ro tmpfs
 //!    with `null zero full random urandom` bound from the host plus a private `/dev/shm`,
 //!    `/proc` of the new pid namespace, the spec's extra ro binds and, for driver hosts,
-//!    the resolver files and CA certificates;
+//!    the resolver files and CA certificates (extra binds that land under `/tmp` are
+//!    mounted after the sandbox's own `/tmp`, so it does not hide them; binds under `/dev`
+//!    or `/proc` are refused);
 //! 4. `pivot_root(".", ".")` and detach the old root (`umount2(MNT_DETACH)`), then remount
 //!    the new root read-only.
 //!
@@ -267,6 +269,10 @@ pub fn open_sources(spec: &WireSpec) -> Result<Sources, MountError> {
     }
     for (src, dst) in &spec.ro_binds {
         check_sandbox_path(dst)?;
+        // The sandbox's own /dev and /proc are mounted over anything bound there.
+        if dst.starts_with("/dev") || dst.starts_with("/proc") {
+            return Err(MountError::InvalidPath(dst.clone()));
+        }
         binds.push(open_source(src, dst.clone(), BindKind::ReadOnly)?);
     }
     if spec.role == Role::DriverHost {
@@ -319,6 +325,9 @@ pub fn build(spec: &WireSpec, sources: Sources) -> Result<(), MountError> {
         base,
         Some("mode=0755,size=4m,nr_inodes=4096"),
     )?;
+    // Binds under /tmp go on top of the sandbox's own /tmp (below), or it would hide them.
+    let (under_tmp, binds): (Vec<Bind>, Vec<Bind>) =
+        binds.into_iter().partition(|b| b.dst.starts_with("/tmp"));
     for b in &binds {
         do_bind(root, b)?;
     }
@@ -377,6 +386,9 @@ pub fn build(spec: &WireSpec, sources: Sources) -> Result<(), MountError> {
         base | MsFlags::MS_NOEXEC,
         Some(&sized("1777")),
     )?;
+    for b in &under_tmp {
+        do_bind(root, b)?;
+    }
 
     // /proc of our own pid namespace (we are its PID 1). Must happen while the host's
     // /proc is still visible: the kernel only lets a user namespace mount proc if a fully
@@ -410,6 +422,7 @@ pub fn build(spec: &WireSpec, sources: Sources) -> Result<(), MountError> {
         None,
     )?;
     drop(binds);
+    drop(under_tmp);
     drop(devices);
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! `make demo`: runs capnet end to end on loopback and prints what happened.
 //!
-//! Starts capnetd with `config/demo.toml` on a temporary state directory, runs a TCP echo
-//! server on 127.0.0.1, and walks a grain through the administrator's workflow: request,
-//! grant, use, listen, deny. The last line is `demo: N passed, M failed`; the exit status
-//! is non-zero if any step failed.
+//! Starts capnetd with `config/demo.toml` on a temporary state directory (with
+//! `${DEMO_DIR}` in it replaced by that directory), runs loopback peers — a TCP and a UDP
+//! echo server, an SMTP relay (python3-aiosmtpd with STARTTLS and a CA made by the demo)
+//! on 127.0.0.1:2526, nginx on 127.0.0.1:8089 — and walks grains through the
+//! administrator's workflow: request, grant, use, listen, deny, and the egress drivers
+//! (UDP, SMTP, HTTP) with one refusal by policy. The last line is
+//! `demo: N passed, M failed`; the exit status is non-zero if any step failed.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -11,7 +14,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use capnet_tests::{Daemon, EchoServer, free_port, wait_refused};
+use capnet_tests::peers::{Nginx, SmtpSink, TestCa};
+use capnet_tests::{Daemon, EchoServer, UdpEchoServer, free_port, wait_refused};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -59,6 +63,25 @@ fn grain_result(d: &Daemon, id: &str) -> Result<serde_json::Value> {
     Ok(last)
 }
 
+/// Makes the demo's CA in a temporary directory and copies the configuration there with
+/// `${DEMO_DIR}` replaced by that directory (drivers read `extra_ca_files` at start, so
+/// the CA must exist before capnetd starts).
+fn prepare_config(path: &std::path::Path) -> Result<(tempfile::TempDir, TestCa, PathBuf)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("capnet-demo-run-")
+        .tempdir()?;
+    let ca = TestCa::in_dir(
+        dir.path(),
+        &["localhost", "127.0.0.1", "www.capnet.example"],
+    )?;
+    let text = text.replace("${DEMO_DIR}", &dir.path().display().to_string());
+    let out = dir.path().join("demo.toml");
+    std::fs::write(&out, text)?;
+    Ok((dir, ca, out))
+}
+
 fn main() {
     let args = Args::parse();
     println!("capnet demo: grains reach the network only through granted capabilities\n");
@@ -66,17 +89,19 @@ fn main() {
         passed: 0,
         failed: 0,
     };
-    let daemon = match Daemon::start_file(&args.config) {
-        Ok(d) => d,
-        Err(e) => {
-            println!(
-                "  FAIL  start capnetd with {}: {e:#}",
-                args.config.display()
-            );
-            println!("\ndemo: 0 passed, 1 failed");
-            std::process::exit(1);
-        }
-    };
+    let prepared = prepare_config(&args.config);
+    let (demo_dir, demo_ca, daemon) =
+        match prepared.and_then(|(dir, ca, path)| Ok((dir, ca, Daemon::start_file(&path)?))) {
+            Ok(started) => started,
+            Err(e) => {
+                println!(
+                    "  FAIL  start capnetd with {}: {e:#}",
+                    args.config.display()
+                );
+                println!("\ndemo: 0 passed, 1 failed");
+                std::process::exit(1);
+            }
+        };
     let d = &daemon;
     let echo = EchoServer::start();
 
@@ -92,27 +117,33 @@ fn main() {
     );
 
     steps.run(
-        "the administrator inspects and approves the TCP driver",
+        "the administrator inspects and approves the TCP, UDP, SMTP and HTTP drivers",
         || {
-            let plugin = capnet_tests::artifact("libcapnet_driver_tcp.so");
-            let plugin = plugin.to_string_lossy();
-            let v = d.capnet_json(&[
-                "driver",
-                "approve",
-                plugin.as_ref(),
-                "--name",
-                "tcp",
-                "--yes",
-            ])?;
+            let mut out = Vec::new();
+            for name in ["tcp", "udp", "smtp", "http"] {
+                let plugin = capnet_tests::artifact(&format!("libcapnet_driver_{name}.so"));
+                let plugin = plugin.to_string_lossy();
+                let v = d.capnet_json(&[
+                    "driver",
+                    "approve",
+                    plugin.as_ref(),
+                    "--name",
+                    name,
+                    "--yes",
+                ])?;
+                out.push(format!(
+                    "{name} v{} (sha256 {}…)",
+                    v["plugin"]["version"].as_str().unwrap_or("?"),
+                    v["plugin"]["sha256"]
+                        .as_str()
+                        .unwrap_or("")
+                        .get(..12)
+                        .unwrap_or("")
+                ));
+            }
             Ok(format!(
-                "approved tcp v{} pinned to sha256 {}…, privileges {}",
-                v["plugin"]["version"].as_str().unwrap_or("?"),
-                v["plugin"]["sha256"]
-                    .as_str()
-                    .unwrap_or("")
-                    .get(..16)
-                    .unwrap_or(""),
-                v["plugin"]["manifest"]["privileges"]
+                "approved {}, each pinned to its hash and the privileges it asks for",
+                out.join(", ")
             ))
         },
     );
@@ -251,6 +282,98 @@ fn main() {
         },
     );
 
+    steps.run("a grain exchanges UDP datagrams through the UDP driver; one returnPort keeps one source port", || {
+        let echo = UdpEchoServer::start("127.0.0.1:0")?;
+        let port = echo.addr.port().to_string();
+        d.start_test_grain("demo-udp", &["udp-echo", "--port", &port, "--count", "3", "--label", "demo: udp echo"])?;
+        let (_, grant) = d.grant_next("udp", &[])?;
+        let r = grain_result(d, "demo-udp")?;
+        if r["ok"] != true {
+            bail!("udp echo failed: {r}");
+        }
+        Ok(format!(
+            "grant {grant}: 3 datagrams to 127.0.0.1:{port} answered {}; the echo server saw source port(s) {}",
+            r["replies"].as_array().map_or(0, Vec::len),
+            r["source_ports"]
+        ))
+    });
+
+    steps.run(
+        "the policy refuses UDP to an amplifier port (NTP, 123) even on an allowed address",
+        || {
+            d.start_test_grain(
+                "demo-ntp",
+                &[
+                    "udp-echo",
+                    "--port",
+                    "123",
+                    "--count",
+                    "1",
+                    "--label",
+                    "demo: ntp",
+                ],
+            )?;
+            d.grant_next("udp", &[])?;
+            let r = grain_result(d, "demo-ntp")?;
+            let refused = r["refused"].as_str().unwrap_or("");
+            if !refused.starts_with("refused:") {
+                bail!("the grain was not refused: {r}");
+            }
+            Ok(format!("the grain saw: {refused}"))
+        },
+    );
+
+    steps.run("a grain sends mail through the SMTP driver; the relay receives it over verified STARTTLS", || {
+        let sink = SmtpSink::start_on(&demo_ca, 2526)?;
+        d.start_test_grain("demo-mail", &[
+            "smtp-send", "--host", "mail.capnet.example", "--port", "587",
+            "--from", "demo@capnet.example", "--to", "admin@example.net",
+            "--subject", "hello from a grain", "--body", "This mail went through capnet.",
+        ])?;
+        let (_, grant) = d.grant_next("smtp", &[])?;
+        let r = grain_result(d, "demo-mail")?;
+        if r["ok"] != true {
+            bail!("the mail was not accepted: {r}");
+        }
+        let got = sink.messages()?;
+        let m = got.first().context("the relay received nothing")?;
+        let data = String::from_utf8_lossy(&m.data);
+        let subject = data.lines().find(|l| l.starts_with("Subject:")).unwrap_or("");
+        Ok(format!(
+            "grant {grant}: the grain got \"{}\"; the relay on 127.0.0.1:2526 received MAIL FROM <{}> RCPT TO {:?} ({subject}, {} bytes, STARTTLS {})",
+            r["reply"].as_str().unwrap_or(""), m.mail_from, m.rcpt_tos, m.data.len(), if m.tls { "verified" } else { "NOT used" }
+        ))
+    });
+
+    steps.run(
+        "a grain fetches a page through the HTTP driver; its Host header is checked",
+        || {
+            let _nginx = Nginx::start_on(&demo_ca, &["www.capnet.example"], 8089, free_port())?;
+            d.start_test_grain(
+                "demo-http",
+                &[
+                    "http-get",
+                    "--host",
+                    "www.capnet.example",
+                    "--port",
+                    "8089",
+                    "--label",
+                    "demo: fetch a page",
+                ],
+            )?;
+            let (_, grant) = d.grant_next("http", &[])?;
+            let r = grain_result(d, "demo-http")?;
+            if r["status"] != 200 {
+                bail!("the fetch failed: {r}");
+            }
+            Ok(format!(
+                "grant {grant}: GET http://www.capnet.example:8089/ from nginx answered {} {:?}",
+                r["status"],
+                r["body"].as_str().unwrap_or("").trim_end()
+            ))
+        },
+    );
+
     steps.run("capnetd shuts down cleanly", || {
         let out = d.capnet(&["shutdown"]);
         if !out.status.success() {
@@ -266,6 +389,8 @@ fn main() {
         Ok("grains and driver hosts stopped, admin socket removed".into())
     });
     drop(daemon);
+    drop(demo_ca);
+    drop(demo_dir);
     println!("\ndemo: {} passed, {} failed", steps.passed, steps.failed);
     std::process::exit(if steps.failed == 0 { 0 } else { 1 });
 }

@@ -9,7 +9,7 @@ use capnet_schemas::descriptor::{Encryption, Requested};
 use capnet_schemas::grain;
 use capnet_schemas::grain_capnp::grain_api;
 use capnet_schemas::ip_capnp::{ip_interface, ip_network, tcp_port};
-use capnet_tests::grain::{pseudo_random, sha256_hex};
+use capnet_tests::grain::{UdpInbox, UdpPortClient, pseudo_random, sha256_hex, udp_send};
 use capnet_tests::proxy;
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -142,6 +142,61 @@ enum Cmd {
         port: u16,
         #[arg(long)]
         count: u32,
+    },
+    /// Request IpNetwork (or a UdpPort with `--narrow`), send `count` datagrams to a UDP
+    /// echo server with one returnPort, and report the replies and the source ports the
+    /// echo server saw (it answers `from PORT: PAYLOAD`). Exit 3 if the first send is
+    /// refused.
+    UdpEcho {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 3)]
+        count: u32,
+        #[arg(long)]
+        narrow: bool,
+        #[arg(long, default_value = "test: udp echo")]
+        label: String,
+    },
+    /// Request IpInterface, listen for UDP on a port, answer each datagram with
+    /// `echo: PAYLOAD` through the sender's own port, until a datagram says `quit`.
+    UdpListen {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Request a TcpPort (host:port) and send one mail over SMTP through it; report the
+    /// server's final reply. Exit 0 if the mail was accepted, 3 if refused.
+    SmtpSend {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        from: String,
+        #[arg(long, required = true)]
+        to: Vec<String>,
+        /// The From: header (default: the envelope sender).
+        #[arg(long)]
+        from_header: Option<String>,
+        #[arg(long, default_value = "capnet test")]
+        subject: String,
+        #[arg(long, default_value = "hello from a grain")]
+        body: String,
+    },
+    /// Request IpNetwork and GET `path` from host:port with a Host header (default: the
+    /// host); report status and body. Exit 3 if the driver refused.
+    HttpGet {
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        host_header: Option<String>,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "test: http")]
+        label: String,
     },
     /// Request IpNetwork; connect to `crash_port` (the driver crashes), then retry the echo
     /// server until the restarted driver serves it.
@@ -774,6 +829,192 @@ async fn run(args: Args) -> Result<i32> {
         | Cmd::ProxyClose { .. }
         | Cmd::BenchProxyThroughput { .. }
         | Cmd::BenchProxyLatency { .. } => Ok(0),
+        Cmd::UdpEcho {
+            host,
+            port,
+            count,
+            narrow,
+            label,
+        } => {
+            let what = if narrow {
+                Requested::UdpPort {
+                    host: Some(host.clone()),
+                    port: Some(port),
+                }
+            } else {
+                Requested::IpNetwork {
+                    encryption: Encryption::None,
+                }
+            };
+            let g = request(&api, what, &label).await?;
+            println!("{}", json!({"event": "granted", "grant": g.grant_id}));
+            let udp: UdpPortClient = if narrow {
+                g.cast()
+            } else {
+                let net: ip_network::Client = g.cast();
+                let mut req = net.get_remote_host_by_name_request();
+                req.get().set_address(&host);
+                let h = req.send().pipeline.get_host();
+                let mut req = h.get_udp_port_request();
+                req.get().set_port_num(port);
+                req.send().pipeline.get_port()
+            };
+            let (ret, mut rx) = UdpInbox::channel();
+            let mut replies = Vec::new();
+            let mut ports = std::collections::BTreeSet::new();
+            for i in 0..count {
+                let msg = format!("datagram {i}");
+                if let Err(e) = udp_send(&udp, msg.as_bytes(), &ret).await {
+                    let e = clean(e).to_string();
+                    if i == 0 {
+                        println!("{}", json!({"ok": false, "refused": e}));
+                        return Ok(3);
+                    }
+                    bail!("send {i} failed: {e}");
+                }
+                let (data, _) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .context("no reply within 10 s")?
+                    .context("inbox closed")?;
+                let reply = String::from_utf8_lossy(&data).into_owned();
+                if let Some(p) = reply
+                    .strip_prefix("from ")
+                    .and_then(|r| r.split(':').next())
+                {
+                    ports.insert(p.to_string());
+                }
+                replies.push(reply);
+            }
+            println!(
+                "{}",
+                json!({"ok": true, "replies": replies, "source_ports": ports})
+            );
+            Ok(0)
+        }
+        Cmd::UdpListen { port } => {
+            let g = request(&api, Requested::IpInterface, "test: udp listen").await?;
+            let iface: ip_interface::Client = g.cast();
+            let (inbox, mut rx) = UdpInbox::channel();
+            let mut req = iface.listen_udp_request();
+            req.get().set_port_num(port);
+            req.get().set_port(inbox);
+            let _handle = req
+                .send()
+                .promise
+                .await
+                .map_err(clean)?
+                .get()?
+                .get_handle()?;
+            println!("LISTENING {port}");
+            let (unused, _keep) = UdpInbox::channel();
+            while let Some((data, peer)) = rx.recv().await {
+                let msg = String::from_utf8_lossy(&data).into_owned();
+                if msg == "quit" {
+                    udp_send(&peer, b"bye", &unused).await.map_err(clean)?;
+                    println!("{}", json!({"ok": true, "event": "quit"}));
+                    return Ok(0);
+                }
+                udp_send(&peer, format!("echo: {msg}").as_bytes(), &unused)
+                    .await
+                    .map_err(clean)?;
+            }
+            Ok(0)
+        }
+        Cmd::SmtpSend {
+            host,
+            port,
+            from,
+            to,
+            from_header,
+            subject,
+            body,
+        } => {
+            let g = request(
+                &api,
+                Requested::TcpPort {
+                    host: Some(host.clone()),
+                    port: Some(port),
+                },
+                "test: send mail",
+            )
+            .await?;
+            let p: tcp_port::Client = g.cast();
+            let stream = bytestream::connect(&p).await.map_err(clean)?;
+            let mut smtp = SmtpDialogue::new(stream);
+            let mut last = smtp.reply().await?;
+            let header_from = from_header.unwrap_or_else(|| from.clone());
+            let message = format!(
+                "From: {header_from}\r\nTo: {}\r\nSubject: {subject}\r\n\r\n{body}\r\n",
+                to.join(", ")
+            );
+            let mut steps = vec!["EHLO grain.test".to_string(), format!("MAIL FROM:<{from}>")];
+            steps.extend(to.iter().map(|t| format!("RCPT TO:<{t}>")));
+            steps.push("DATA".into());
+            for step in steps {
+                last = smtp.command(&step).await?;
+                let want = if step == "DATA" { 354 } else { 250 };
+                if last.0 != want {
+                    break;
+                }
+            }
+            if last.0 == 354 {
+                last = smtp.data(message.as_bytes()).await?;
+            }
+            let _ = smtp.command("QUIT").await;
+            let ok = last.0 == 250;
+            println!(
+                "{}",
+                json!({"ok": ok, "code": last.0, "reply": last.1.trim_end()})
+            );
+            Ok(if ok { 0 } else { 3 })
+        }
+        Cmd::HttpGet {
+            host,
+            port,
+            host_header,
+            path,
+            label,
+        } => {
+            let g = request(
+                &api,
+                Requested::IpNetwork {
+                    encryption: Encryption::None,
+                },
+                &label,
+            )
+            .await?;
+            let net: ip_network::Client = g.cast();
+            let p = port_of(&net, &host, port).await;
+            let mut stream = match bytestream::connect(&p).await {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("{}", json!({"ok": false, "refused": clean(e).to_string()}));
+                    return Ok(3);
+                }
+            };
+            let host_header = host_header.unwrap_or(host);
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\nUser-Agent: capnet-test-grain\r\n\r\n"
+            );
+            stream.write_all(req.as_bytes()).await?;
+            let mut response = Vec::new();
+            tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut response))
+                .await
+                .context("no complete response within 20 s")??;
+            let text = String::from_utf8_lossy(&response);
+            let status: u16 = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            let ok = (200..300).contains(&status);
+            println!(
+                "{}",
+                json!({"ok": ok, "status": status, "body": body, "bytes": response.len()})
+            );
+            Ok(if ok { 0 } else { 3 })
+        }
         Cmd::CrashRecover {
             crash_port,
             echo_port,
@@ -1010,5 +1251,57 @@ async fn proxy_commands(cmd: &Cmd) -> Result<Option<i32>> {
             Ok(Some(0))
         }
         _ => Ok(None),
+    }
+}
+
+/// The client side of an SMTP dialogue, for the test grain.
+struct SmtpDialogue {
+    io: BufReader<tokio::io::DuplexStream>,
+}
+
+impl SmtpDialogue {
+    fn new(stream: tokio::io::DuplexStream) -> Self {
+        Self {
+            io: BufReader::new(stream),
+        }
+    }
+
+    async fn reply(&mut self) -> Result<(u16, String)> {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(30), self.io.read_line(&mut line))
+                .await
+                .context("no SMTP reply within 30 s")??;
+            if n == 0 {
+                bail!("the SMTP server closed the connection after {text:?}");
+            }
+            text.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+                return Ok((code, text));
+            }
+        }
+    }
+
+    async fn command(&mut self, line: &str) -> Result<(u16, String)> {
+        self.io
+            .get_mut()
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await?;
+        self.reply().await
+    }
+
+    async fn data(&mut self, message: &[u8]) -> Result<(u16, String)> {
+        let mut wire = Vec::new();
+        for line in message.split_inclusive(|b| *b == b'\n') {
+            if line.starts_with(b".") {
+                wire.push(b'.');
+            }
+            wire.extend_from_slice(line);
+        }
+        wire.extend_from_slice(b".\r\n");
+        self.io.get_mut().write_all(&wire).await?;
+        self.reply().await
     }
 }
