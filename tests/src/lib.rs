@@ -41,6 +41,14 @@ pub fn artifact(name: &str) -> PathBuf {
     p
 }
 
+/// Wall-clock milliseconds since the epoch, the unit of the audit trail's `time_ms`.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// A cgroup parent name no other daemon of this machine uses: tests run daemons in
 /// parallel, and two daemons must never share sandbox cgroup names.
 pub fn unique_cgroup_parent() -> String {
@@ -264,6 +272,34 @@ impl Daemon {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// The audit records `capnet --json audit ARGS` prints (such as `--kind revoke`).
+    pub fn audit(&self, args: &[&str]) -> Result<Vec<Value>> {
+        let mut all = vec!["--json", "audit"];
+        all.extend_from_slice(args);
+        let out = self.capnet(&all);
+        if !out.status.success() {
+            bail!(
+                "capnet audit {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+
+    /// The time the audit trail recorded the revocation of `grant`, in ms since the epoch.
+    pub fn revoked_at_ms(&self, grant: &str) -> Result<u64> {
+        let revokes = self.audit(&["--kind", "revoke"])?;
+        revokes
+            .iter()
+            .find(|r| r["grant"] == grant)
+            .and_then(|r| r["time_ms"].as_u64())
+            .with_context(|| format!("no revoke record for {grant}: {revokes:?}"))
     }
 
     /// Waits for the next powerbox request and returns it.

@@ -16,14 +16,6 @@ fn last_json(log: &str) -> Value {
         .unwrap_or_else(|| panic!("no JSON line in {log}"))
 }
 
-fn audit_kinds(d: &Daemon) -> Vec<Value> {
-    let out = d.capnet(&["--json", "audit"]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// Inspecting a shipped driver and a test plugin shows name, version, ABI, what they
 /// provide, the privileges they ask for, size and SHA-256 — without loading anything into
 /// capnetd — and approving writes exactly that into the config (comments kept) and starts
@@ -92,7 +84,7 @@ fn inspect_and_approve() {
         c["last_error"].as_str().unwrap_or("").contains("mode"),
         "{c}"
     );
-    let kinds = audit_kinds(&d);
+    let kinds = d.audit(&[]).expect("audit");
     assert_eq!(
         kinds
             .iter()
@@ -152,7 +144,9 @@ fn refusals_name_the_fix() {
         "{e}"
     );
     assert!(e.contains("capnet driver upgrade"), "{e}");
-    let refusals = audit_kinds(&d)
+    let refusals = d
+        .audit(&[])
+        .expect("audit")
         .into_iter()
         .filter(|r| r["kind"] == "driver_refused")
         .count();
@@ -195,7 +189,12 @@ fn crash_loop_is_marked_failed() {
     let reason = c["last_error"].as_str().unwrap_or("");
     assert!(reason.contains("crashed 3 times within 60s"), "{c}");
     assert_eq!(c["restarts"], 3);
-    assert!(audit_kinds(&d).iter().any(|r| r["kind"] == "driver_failed"));
+    assert!(
+        d.audit(&[])
+            .expect("audit")
+            .iter()
+            .any(|r| r["kind"] == "driver_failed")
+    );
     let st = d
         .wait_grain("steady", Duration::from_secs(30))
         .expect("steady");
@@ -289,7 +288,9 @@ fn reload_applies_or_refuses_whole() {
     )
     .expect("sighup");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while audit_kinds(&d)
+    while d
+        .audit(&[])
+        .expect("audit")
         .iter()
         .filter(|r| r["kind"] == "reload_refused")
         .count()
@@ -329,7 +330,7 @@ fn reload_applies_or_refuses_whole() {
         after["pid"], before["pid"],
         "an unaffected driver was restarted"
     );
-    let kinds = audit_kinds(&d);
+    let kinds = d.audit(&[]).expect("audit");
     assert!(kinds.iter().any(|r| r["kind"] == "reload_refused"));
     assert!(kinds.iter().any(|r| r["kind"] == "reload"));
 }

@@ -5,9 +5,9 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use capnet_tests::{Daemon, EchoServer, driver_config, free_port};
+use capnet_tests::{Daemon, EchoServer, driver_config, free_port, now_ms};
 use serde_json::Value;
 
 fn tcp_daemon(extra: &str) -> Daemon {
@@ -42,28 +42,6 @@ fn save(d: &Daemon, id: &str, args: &[&str], driver: &str) -> String {
     let v = last_json(&d.grain_log(id));
     assert_eq!(st["exit_status"], 0, "{v}");
     v["token"].as_str().expect("token").to_string()
-}
-
-fn audit(d: &Daemon, args: &[&str]) -> Vec<Value> {
-    let mut all = vec!["--json", "audit"];
-    all.extend_from_slice(args);
-    let out = d.capnet(&all);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// save → grain restart → restore → the capability works; the same after the driver host
@@ -121,7 +99,9 @@ fn saved_capabilities_survive_every_restart() {
     d.wait_driver("tcp", Duration::from_secs(15), |v| v["state"] == "running")
         .expect("driver up");
     check(&d, "kill -9 of capnetd");
-    let kinds: Vec<String> = audit(&d, &["--grain", "keeper"])
+    let kinds: Vec<String> = d
+        .audit(&["--grain", "keeper"])
+        .expect("audit")
         .iter()
         .map(|r| r["kind"].as_str().unwrap_or("").to_string())
         .collect();
@@ -193,11 +173,14 @@ fn tokens_are_bound_to_their_grain_and_die() {
         "{v}"
     );
 
-    let refusals: Vec<Value> = audit(&d, &["--kind", "restore_refused"]);
+    let refusals: Vec<Value> = d.audit(&["--kind", "restore_refused"]).expect("audit");
     assert!(refusals.len() >= 4, "{refusals:?}");
     assert!(refusals.iter().any(|r| r["grain"] == "thief"));
     for k in ["drop", "revoke", "drop_refused"] {
-        assert!(!audit(&d, &["--kind", k]).is_empty(), "no {k} record");
+        assert!(
+            !d.audit(&["--kind", k]).expect("audit").is_empty(),
+            "no {k} record"
+        );
     }
 }
 
@@ -224,7 +207,11 @@ fn deleting_a_grain_removes_its_grants_and_tokens() {
             .contains("unknown token"),
         "{v}"
     );
-    assert!(!audit(&d, &["--kind", "grain_deleted"]).is_empty());
+    assert!(
+        !d.audit(&["--kind", "grain_deleted"])
+            .expect("audit")
+            .is_empty()
+    );
 }
 
 /// A server socket that records when its peer's connection ended.
@@ -335,14 +322,7 @@ fn revocation_is_live_within_100_ms() {
         );
         std::thread::sleep(Duration::from_millis(2));
     };
-    let revokes = audit(&d, &["--kind", "revoke"]);
-    let at = |g: &str| {
-        revokes
-            .iter()
-            .find(|r| r["grant"] == g)
-            .and_then(|r| r["time_ms"].as_u64())
-            .unwrap_or_else(|| panic!("no revoke record for {g}: {revokes:?}"))
-    };
+    let at = |g: &str| d.revoked_at_ms(g).expect("revoke record");
     let (t_net, t_if) = (at(&net_grant), at(&if_grant));
     let bulk_ms = sink_close.0.saturating_sub(t_net);
     let idle_ms = echo_close.0.saturating_sub(t_net);
@@ -464,8 +444,14 @@ action = "deny"
         v["refused"].as_str().unwrap_or("").starts_with("expired:"),
         "{v}"
     );
-    assert!(!audit(&d, &["--kind", "request_expired", "--grain", "patient"]).is_empty());
-    let grant_records = audit(&d, &["--kind", "grant", "--grain", "ruled"]);
+    assert!(
+        !d.audit(&["--kind", "request_expired", "--grain", "patient"])
+            .expect("audit")
+            .is_empty()
+    );
+    let grant_records = d
+        .audit(&["--kind", "grant", "--grain", "ruled"])
+        .expect("audit");
     assert!(
         grant_records[0]["detail"]
             .as_str()

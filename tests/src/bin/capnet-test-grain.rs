@@ -158,6 +158,10 @@ enum Cmd {
         narrow: bool,
         #[arg(long, default_value = "test: udp echo")]
         label: String,
+        /// Ignore `--count`: send one datagram every 5 ms until a send fails (the grant
+        /// was revoked), print `READY` after the first reply, report the failure.
+        #[arg(long)]
+        until_refused: bool,
     },
     /// Request IpInterface, listen for UDP on a port, answer each datagram with
     /// `echo: PAYLOAD` through the sender's own port, until a datagram says `quit`.
@@ -329,6 +333,44 @@ fn main() {
         }
     });
     std::process::exit(code);
+}
+
+/// Sends a datagram every 5 ms on `udp` until a send fails; prints `READY` once the first
+/// reply came back, then the failure and how many datagrams went out. Exit 0 if the
+/// failure was a revocation, 1 otherwise.
+async fn udp_until_refused(
+    udp: &UdpPortClient,
+    ret: &UdpPortClient,
+    rx: &mut capnet_tests::grain::UdpReceived,
+) -> Result<i32> {
+    let mut ready = false;
+    let mut sent = 0u64;
+    loop {
+        if let Err(e) = udp_send(udp, format!("datagram {sent}").as_bytes(), ret).await {
+            let e = clean(e).to_string();
+            let revoked = e.starts_with("revoked:");
+            println!(
+                "{}",
+                json!({"ok": revoked, "stopped": e, "sent": sent, "ready": ready})
+            );
+            return Ok(if revoked { 0 } else { 1 });
+        }
+        sent += 1;
+        if !ready {
+            let (data, _) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .context("no reply within 10 s")?
+                .context("inbox closed")?;
+            let reply = String::from_utf8_lossy(&data).into_owned();
+            let source = reply
+                .strip_prefix("from ")
+                .and_then(|r| r.split(':').next())
+                .unwrap_or("?");
+            println!("READY {source}");
+            ready = true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn clean(e: capnp::Error) -> anyhow::Error {
@@ -835,6 +877,7 @@ async fn run(args: Args) -> Result<i32> {
             count,
             narrow,
             label,
+            until_refused,
         } => {
             let what = if narrow {
                 Requested::UdpPort {
@@ -860,6 +903,9 @@ async fn run(args: Args) -> Result<i32> {
                 req.send().pipeline.get_port()
             };
             let (ret, mut rx) = UdpInbox::channel();
+            if until_refused {
+                return udp_until_refused(&udp, &ret, &mut rx).await;
+            }
             let mut replies = Vec::new();
             let mut ports = std::collections::BTreeSet::new();
             for i in 0..count {
