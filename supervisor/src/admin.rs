@@ -738,6 +738,15 @@ impl admin::Server for AdminImpl {
                 "no driver {name} in the config; see `capnet driver list`"
             )));
         }
+        // Checked first, so a config that would not load without the driver refuses the
+        // revocation before any grant is touched.
+        let removal = crate::config_edit::driver_removal(&config.path, &name).map_err(|e| {
+            Error::failed(format!(
+                "driver {name} was not revoked, nothing changed: the config would not be valid \
+                 without it ({e}); remove or change what still names it (such as \
+                 [[powerbox.rules]]) first"
+            ))
+        })?;
         let live = self
             .grants
             .list()
@@ -748,7 +757,7 @@ impl admin::Server for AdminImpl {
             .revoke_driver(&name, &reason)
             .await
             .map_err(err)?;
-        crate::config_edit::remove_driver(&config.path, &name).map_err(err)?;
+        removal.write().map_err(err)?;
         self.audit.record(
             AuditRecord::new("driver_revoked")
                 .driver(&name)

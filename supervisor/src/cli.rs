@@ -479,10 +479,11 @@ fn parse_rule(action: &str, spec: &str) -> Result<RuleConfig> {
 }
 
 fn clean(e: capnp::Error) -> anyhow::Error {
-    anyhow!(
-        "{}",
-        e.extra.trim_start_matches("remote exception: ").trim()
-    )
+    let text = e.extra.trim_start_matches("remote exception: ").trim();
+    if e.kind == capnp::ErrorKind::Disconnected {
+        return anyhow!("{text} ({})", disconnect_hint());
+    }
+    anyhow!("{text}")
 }
 
 fn grain_json(g: grain_info::Reader<'_>) -> Result<serde_json::Value> {
@@ -694,6 +695,17 @@ pub fn main() -> i32 {
             eprintln!("capnet: {e:#}");
             1
         }
+    }
+}
+
+/// What to do when capnetd hung up on us: it refuses users other than root and its own
+/// before answering anything, or it stopped.
+fn disconnect_hint() -> &'static str {
+    if nix::unistd::geteuid().is_root() {
+        "capnetd closed the connection: it stopped or restarted; see its log"
+    } else {
+        "capnetd closed the connection: only root (or capnetd's own user) may administer it; \
+         run capnet as root"
     }
 }
 

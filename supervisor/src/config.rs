@@ -72,6 +72,38 @@ pub struct Config {
     /// The file this was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
+    /// `[daemon]` values given on capnetd's command line, which win over the file's (a
+    /// reload applies them again).
+    #[serde(skip)]
+    pub overrides: DaemonOverrides,
+}
+
+/// `[daemon]` values given on capnetd's command line.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonOverrides {
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--socket`.
+    pub admin_socket: Option<PathBuf>,
+    /// `--cgroup-parent`.
+    pub cgroup_parent: Option<String>,
+}
+
+impl Config {
+    /// Makes `overrides` win over the file's `[daemon]` values, now and on every reload.
+    pub fn set_overrides(&mut self, overrides: DaemonOverrides) {
+        let d = &mut self.daemon;
+        if let Some(v) = &overrides.state_dir {
+            d.state_dir = v.clone();
+        }
+        if let Some(v) = &overrides.admin_socket {
+            d.admin_socket = Some(v.clone());
+        }
+        if let Some(v) = &overrides.cgroup_parent {
+            d.cgroup_parent = v.clone();
+        }
+        self.overrides = overrides;
+    }
 }
 
 /// `[daemon]`.
@@ -114,6 +146,41 @@ pub struct DaemonConfig {
     /// Size of that range: how many grains (each keeps its id) plus running driver hosts
     /// the daemon can have.
     pub sandbox_uid_count: u32,
+}
+
+impl DaemonConfig {
+    /// The `[daemon]` keys that differ between `self` and `fresh` and that only take effect
+    /// at start (every key but `plugin_dir`, which a reload applies).
+    pub fn restart_only_changes(&self, fresh: &DaemonConfig) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        macro_rules! compare {
+            ($($field:ident),* $(,)?) => {
+                // Destructured so that a new field cannot be forgotten here.
+                let DaemonConfig { plugin_dir: _, $($field: _),* } = fresh;
+                $(if self.$field != fresh.$field {
+                    changed.push(stringify!($field));
+                })*
+            };
+        }
+        compare!(
+            state_dir,
+            admin_socket,
+            driver_host,
+            request_timeout_secs,
+            stop_grace_ms,
+            max_driver_crashes,
+            crash_window_secs,
+            audit_retention_days,
+            audit_max_records,
+            health_interval_ms,
+            health_timeout_ms,
+            sandbox_helper,
+            cgroup_parent,
+            sandbox_uid_base,
+            sandbox_uid_count,
+        );
+        changed
+    }
 }
 
 impl Default for DaemonConfig {
@@ -977,6 +1044,22 @@ pub fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload names every [daemon] key it cannot apply; plugin_dir it applies.
+    #[test]
+    fn restart_only_daemon_keys_are_named() {
+        let a = DaemonConfig::default();
+        let mut b = a.clone();
+        b.plugin_dir = Some("/opt/capnet/plugins".into());
+        assert!(a.restart_only_changes(&b).is_empty());
+        b.health_interval_ms += 1;
+        b.cgroup_parent = "other".into();
+        b.admin_socket = Some("/run/capnet.sock".into());
+        assert_eq!(
+            a.restart_only_changes(&b),
+            ["admin_socket", "health_interval_ms", "cgroup_parent"]
+        );
+    }
 
     /// A syntax error names the file, line and column.
     #[test]

@@ -52,20 +52,44 @@ fn read(path: &Path) -> Result<DocumentMut, EditConfigError> {
         })
 }
 
-fn write(path: &Path, doc: &DocumentMut) -> Result<Config, EditConfigError> {
-    let text = doc.to_string();
-    let config = Config::parse(&text, path)?;
-    let tmp = path.with_extension("toml.capnet-tmp");
-    let io = |source| EditConfigError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    std::fs::write(&tmp, &text).map_err(io)?;
-    if let Ok(meta) = std::fs::metadata(path) {
-        let _ = std::fs::set_permissions(&tmp, meta.permissions());
+/// A checked change to the config file, not yet written.
+#[derive(Debug)]
+pub struct Edit {
+    path: std::path::PathBuf,
+    text: String,
+    config: Config,
+}
+
+impl Edit {
+    /// Checks that `doc` is a valid config for `path`.
+    fn prepare(path: &Path, doc: &DocumentMut) -> Result<Self, EditConfigError> {
+        let text = doc.to_string();
+        let config = Config::parse(&text, path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            text,
+            config,
+        })
     }
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(config)
+
+    /// Replaces the file atomically (same permissions) and returns the new config.
+    pub fn write(self) -> Result<Config, EditConfigError> {
+        let tmp = self.path.with_extension("toml.capnet-tmp");
+        let io = |source| EditConfigError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        std::fs::write(&tmp, &self.text).map_err(io)?;
+        if let Ok(meta) = std::fs::metadata(&self.path) {
+            let _ = std::fs::set_permissions(&tmp, meta.permissions());
+        }
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        Ok(self.config)
+    }
+}
+
+fn write(path: &Path, doc: &DocumentMut) -> Result<Config, EditConfigError> {
+    Edit::prepare(path, doc)?.write()
 }
 
 fn privileges_item(p: &Privileges) -> Item {
@@ -141,6 +165,13 @@ pub fn approve(
 
 /// Removes `[drivers.NAME]` (revoking the driver's approval). Returns the new config.
 pub fn remove_driver(path: &Path, name: &str) -> Result<Config, EditConfigError> {
+    driver_removal(path, name)?.write()
+}
+
+/// The checked removal of `[drivers.NAME]`, to write once the driver's grants are gone:
+/// fails, changing nothing, if the config would not load without it (a powerbox rule
+/// still names the driver, for example).
+pub fn driver_removal(path: &Path, name: &str) -> Result<Edit, EditConfigError> {
     let mut doc = read(path)?;
     let removed = doc
         .get_mut("drivers")
@@ -149,7 +180,7 @@ pub fn remove_driver(path: &Path, name: &str) -> Result<Config, EditConfigError>
     if removed.is_none() {
         return Err(EditConfigError::NoDriver(name.to_string()));
     }
-    write(path, &doc)
+    Edit::prepare(path, &doc)
 }
 
 #[cfg(test)]
@@ -205,6 +236,21 @@ mod tests {
             remove_driver(&p, "tcp"),
             Err(EditConfigError::NoDriver(_))
         ));
+    }
+
+    /// Removing a driver that a powerbox rule still names is refused before anything is
+    /// written (the daemon checks this before it revokes the driver's grants).
+    #[test]
+    fn removal_is_checked_before_it_is_written() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("capnet.toml");
+        let text = "[drivers.tcp]\nplugin = \"x.so\"\n\n[[powerbox.rules]]\nname = \"web\"\n\
+                    interface = \"IpNetwork\"\ndriver = \"tcp\"\n";
+        std::fs::write(&p, text).expect("write");
+        Config::parse(text, &p).expect("the starting config is valid");
+        let err = driver_removal(&p, "tcp").expect_err("a rule names tcp");
+        assert!(err.to_string().contains("tcp"), "{err}");
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), text);
     }
 
     /// An edit that would break the config is not written.

@@ -202,15 +202,18 @@ pub async fn reload(
         }
     };
     let mut fresh = fresh;
+    fresh.set_overrides(current.overrides.clone());
     // Settings that need a restart keep their running values.
     let mut notes = Vec::new();
-    if fresh.daemon.state_dir != current.daemon.state_dir {
-        notes.push("daemon.state_dir changed: takes effect after a restart".to_string());
-        fresh.daemon.state_dir = current.daemon.state_dir.clone();
-    }
-    if fresh.daemon.admin_socket() != current.daemon.admin_socket() {
-        notes.push("daemon.admin_socket changed: takes effect after a restart".to_string());
-        fresh.daemon.admin_socket = current.daemon.admin_socket.clone();
+    let later = current.daemon.restart_only_changes(&fresh.daemon);
+    if !later.is_empty() {
+        notes.push(format!(
+            "changed in [daemon], effective after capnetd restarts: {}",
+            later.join(", ")
+        ));
+        let plugin_dir = fresh.daemon.plugin_dir.take();
+        fresh.daemon = current.daemon.clone();
+        fresh.daemon.plugin_dir = plugin_dir;
     }
     let r = drivers.apply(&fresh).await;
     for name in &r.removed {

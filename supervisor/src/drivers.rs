@@ -253,7 +253,13 @@ impl DriverManager {
                     self.inner.slots.borrow_mut().remove(name);
                     r.removed.push(name.clone());
                 }
-                Some(d) if *d != slot.config || config.plugin_path(d) != slot.plugin => {
+                // A changed table or plugin path restarts the driver, and so does any
+                // reload for a driver marked failed: the administrator fixed something.
+                Some(d)
+                    if *d != slot.config
+                        || config.plugin_path(d) != slot.plugin
+                        || matches!(*slot.state.borrow(), SlotState::Failed(_)) =>
+                {
                     stop_slot(slot).await;
                     let fresh = new_slot(config, name, d);
                     self.inner

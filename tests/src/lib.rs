@@ -370,6 +370,21 @@ impl Daemon {
         }
     }
 
+    /// Waits until capnetd's own log contains `needle`.
+    pub fn wait_daemon_log(&self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return Ok(log);
+            }
+            if Instant::now() > deadline {
+                bail!("capnetd did not log {needle:?} within {timeout:?}; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The driver list.
     pub fn drivers(&self) -> Result<Vec<Value>> {
         let v = self.capnet_json(&["driver", "list"])?;

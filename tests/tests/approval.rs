@@ -211,6 +211,17 @@ fn crash_loop_is_marked_failed() {
     let log = d.grain_log("hammer");
     assert_eq!(st["exit_status"], 0, "{log}");
     assert!(log.contains("driver crashy has failed"), "{log}");
+    // `capnet reload`, as the failure message says, gives it a fresh start even though its
+    // table did not change; the healthy driver is left alone.
+    let tcp_pid = d.driver("tcp").expect("tcp")["pid"].clone();
+    let v = d.capnet_json(&["reload"]).expect("reload");
+    let summary = v["summary"].as_str().unwrap_or("");
+    assert!(summary.contains("restarted: crashy"), "{v}");
+    d.wait_driver("crashy", Duration::from_secs(15), |v| {
+        v["state"] == "running" && v["restarts"] == 0
+    })
+    .expect("crashy back after reload");
+    assert_eq!(d.driver("tcp").expect("tcp")["pid"], tcp_pid);
 }
 
 /// A plugin that stops answering is detected by the health check within the configured
@@ -314,13 +325,10 @@ fn reload_applies_or_refuses_whole() {
     )
     .expect("fix it");
     let v = d.capnet_json(&["reload"]).expect("reload");
-    assert!(
-        v["summary"]
-            .as_str()
-            .unwrap_or("")
-            .contains("added: second"),
-        "{v}"
-    );
+    let summary = v["summary"].as_str().unwrap_or("");
+    assert!(summary.contains("added: second"), "{v}");
+    // capnetd's --state-dir, --socket and --cgroup-parent still win over the file.
+    assert!(!summary.contains("[daemon]"), "{v}");
     d.wait_driver("second", Duration::from_secs(15), |v| {
         v["state"] == "running"
     })
@@ -329,6 +337,22 @@ fn reload_applies_or_refuses_whole() {
     assert_eq!(
         after["pid"], before["pid"],
         "an unaffected driver was restarted"
+    );
+    // A [daemon] key a reload cannot apply is named, and keeps its running value.
+    let with_daemon = std::fs::read_to_string(d.config_path()).expect("config");
+    assert!(with_daemon.contains("[daemon]\n"), "{with_daemon}");
+    std::fs::write(
+        d.config_path(),
+        with_daemon.replacen("[daemon]\n", "[daemon]\nhealth_interval_ms = 1234\n", 1),
+    )
+    .expect("daemon key");
+    let v = d.capnet_json(&["reload"]).expect("reload");
+    assert!(
+        v["summary"]
+            .as_str()
+            .unwrap_or("")
+            .contains("changed in [daemon], effective after capnetd restarts: health_interval_ms"),
+        "{v}"
     );
     let kinds = d.audit(&[]).expect("audit");
     assert!(kinds.iter().any(|r| r["kind"] == "reload_refused"));
@@ -375,6 +399,34 @@ fn upgrade_keeps_grants_and_revoke_ends_them() {
         .wait_grain("keeper", Duration::from_secs(20))
         .expect("restored");
     assert_eq!(st["exit_status"], 0, "{}", d.grain_log("keeper"));
+
+    // A powerbox rule still names tcp: revoking is refused before anything changes.
+    let before = std::fs::read_to_string(d.config_path()).expect("config");
+    let with_rule = format!(
+        "{before}\n[[powerbox.rules]]\nname = \"web\"\ngrain = \"nobody\"\ninterface = \"IpNetwork\"\ndriver = \"tcp\"\n"
+    );
+    std::fs::write(d.config_path(), &with_rule).expect("add rule");
+    d.capnet_json(&["reload"]).expect("reload with the rule");
+    let out = d.capnet(&["driver", "revoke", "tcp", "--reason", "too early"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nothing changed") && err.contains("powerbox.rules"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.config_path()).expect("config"),
+        with_rule
+    );
+    let grants = d.capnet_json(&["grants", "list"]).expect("grants");
+    assert!(
+        grants
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| g["revoked"].is_null())),
+        "the refused revocation revoked grants: {grants}"
+    );
+    std::fs::write(d.config_path(), &before).expect("remove rule");
+    d.capnet_json(&["reload"]).expect("reload without the rule");
 
     let v = d
         .capnet_json(&["driver", "revoke", "tcp", "--reason", "retired"])

@@ -306,3 +306,55 @@ fn tcpport_grant_is_narrow() {
         .expect("wait");
     assert_eq!(st["exit_status"], 0, "{}", d.grain_log("narrow"));
 }
+
+/// Only root (or capnetd's own user) may use the admin socket: the socket is 0600, and even
+/// when it is opened to everyone, a connection from another uid is dropped after the
+/// `SO_PEERCRED` check and logged; root keeps working. Protects the administrator
+/// boundary (threat model: Administrator → capnetd).
+#[test]
+fn admin_socket_refuses_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    let d = Daemon::start("").expect("daemon");
+    let nobody = 65534;
+    let as_nobody = || {
+        std::process::Command::new(artifact("capnet"))
+            .arg("--socket")
+            .arg(d.socket())
+            .args(["grain", "list"])
+            .uid(nobody)
+            .gid(nobody)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run capnet as nobody")
+    };
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(d.socket()), 0o600, "the admin socket's mode");
+
+    // Let nobody reach the socket at all, so the peer-credential check is what refuses.
+    let mut p = d.socket().to_path_buf();
+    while p.pop() && p.starts_with(d.dir()) {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o711)).expect("chmod dir");
+    }
+    std::fs::set_permissions(d.socket(), std::fs::Permissions::from_mode(0o666))
+        .expect("chmod socket");
+    let out = as_nobody();
+    assert!(
+        !out.status.success(),
+        "nobody administered capnetd: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("run capnet as root"), "{err}");
+    d.wait_daemon_log(
+        "refused an admin connection from a non-root user",
+        Duration::from_secs(10),
+    )
+    .expect("the refusal is logged");
+    assert!(
+        d.capnet_json(&["grain", "list"]).is_ok(),
+        "root still administers"
+    );
+}

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use capnet_supervisor::config::Config;
+use capnet_supervisor::config::{Config, DaemonOverrides};
 use capnet_supervisor::daemon::{self, exit};
 use clap::Parser;
 
@@ -55,15 +55,11 @@ fn main() {
             std::process::exit(exit::CONFIG);
         }
     };
-    if let Some(d) = args.state_dir {
-        config.daemon.state_dir = d;
-    }
-    if let Some(s) = args.socket {
-        config.daemon.admin_socket = Some(s);
-    }
-    if let Some(p) = args.cgroup_parent {
-        config.daemon.cgroup_parent = p;
-    }
+    config.set_overrides(DaemonOverrides {
+        state_dir: args.state_dir,
+        admin_socket: args.socket,
+        cgroup_parent: args.cgroup_parent,
+    });
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

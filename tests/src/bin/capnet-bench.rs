@@ -269,7 +269,8 @@ fn via_bridge(sink: SocketAddr, fb: SocketAddr, a: &Args) -> Result<Figures> {
     let d = Daemon::start(&driver_config("tcp", "libcapnet_driver_tcp.so", ""))?;
     d.wait_driver("tcp", Duration::from_secs(20), |v| v["state"] == "running")?;
     let bridge = artifact("capnet-bridge").display().to_string();
-    let grain = artifact("capnet-test-grain").display().to_string();
+    // Inside the grain the bridge's directory (target/<profile>) is the app tree at /app.
+    let grain = "/app/capnet-test-grain";
     let run = |id: &str, app: &[&str]| -> Result<serde_json::Value> {
         let mut args = vec![
             "grain",
@@ -287,7 +288,7 @@ fn via_bridge(sink: SocketAddr, fb: SocketAddr, a: &Args) -> Result<Figures> {
             "--grant",
             "network",
             "--",
-            &grain,
+            grain,
         ];
         args.extend_from_slice(app);
         d.capnet_json(&args)?;
