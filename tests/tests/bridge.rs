@@ -21,8 +21,9 @@ use capnet_tests::grain::{pseudo_random, sha256_hex};
 use capnet_tests::{Daemon, EchoServer, artifact, driver_config, free_port};
 use serde_json::Value;
 
-/// The driver that serves page fetches. The HTTP egress driver (issue 6) will take over
-/// plain-HTTP fetches: set this to "http" and add its table to [`daemon`].
+/// The driver that serves the generic fetches (pages, the 100 MiB file, parallel
+/// connections); `curl_and_python_fetch_pages_through_the_http_driver` uses the HTTP
+/// egress driver instead.
 const PAGE_DRIVER: &str = "tcp";
 
 /// Names the driver resolves itself: the test peers on loopback, and a name whose only
@@ -211,6 +212,41 @@ echo "FD3 $(ls /proc/self/fd/3 2>/dev/null || echo closed)""#
         dlog.contains(&format!("127.0.0.1:{}", web.port)) && dlog.contains("connect_allowed"),
         "{dlog}"
     );
+}
+
+/// Unmodified curl (HTTP proxy and SOCKS5) and Python's urllib in a sandboxed grain fetch
+/// a page from nginx through a network grant of the HTTP egress driver; a request whose
+/// Host header names another site on the same connection is answered 403 by the driver.
+/// Protects the bridge over the HTTP driver: its Host check applies to bridged clients.
+#[test]
+fn curl_and_python_fetch_pages_through_the_http_driver() {
+    let web = Nginx::start().expect("nginx");
+    let d = Daemon::start(&driver_config(
+        "http",
+        "libcapnet_driver_http.so",
+        &format!("ports = [{}]\ntls_ports = []\n{STATIC_HOSTS}", web.port),
+    ))
+    .expect("daemon");
+    let url = format!("http://web.capnet.test:{}", web.port);
+    let script = format!(
+        r#"set -eu -o pipefail
+echo "PAGE_HTTP $(curl -sS --fail {url}/index.html)"
+echo "PAGE_SOCKS $(curl -sS --fail -x "$ALL_PROXY" {url}/index.html)"
+echo "OTHER_HOST $(curl -sS -o /dev/null -w '%{{http_code}}' -x "$ALL_PROXY" -H 'Host: other.capnet.test' {url}/index.html)"
+echo "PAGE_PY $(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=60).read().decode().strip())' {url}/index.html)""#
+    );
+    start_bridged(
+        &d,
+        "curl-http",
+        &["network".into()],
+        &["/bin/bash", "-c", &script],
+    );
+    grant_requests(&d, "http", 1);
+    let log = finish(&d, "curl-http", Duration::from_secs(60));
+    assert_eq!(field(&log, "PAGE_HTTP"), PAGE, "{log}");
+    assert_eq!(field(&log, "PAGE_SOCKS"), PAGE, "{log}");
+    assert_eq!(field(&log, "OTHER_HOST"), "403", "{log}");
+    assert_eq!(field(&log, "PAGE_PY"), PAGE, "{log}");
 }
 
 /// A Python script using only the standard library (`urllib.request`, which reads the
