@@ -24,7 +24,7 @@ use crate::driver::{Connection, Driver, DriverError, Listener};
 use crate::events::{Event, EventKind, EventReporter};
 use crate::grant::{GrantState, GrantTerms};
 use crate::host::{DriverHost, split_options};
-use crate::limits::Limits;
+use crate::limits::{Limits, ListenerPermit};
 use crate::listen::{ListenHandleImpl, ListenerShared};
 use crate::manifest::Privileges;
 use crate::policy::{Policy, Target as PolicyTarget, Transport};
@@ -509,28 +509,7 @@ impl ip_interface::Server for InterfaceImpl {
         let p = params.get()?;
         let port_num = p.get_port_num();
         let port = p.get_port()?;
-        if !g.host.privileges().inbound_tcp {
-            return Err(DriverError::Refused {
-                what: format!("listen on port {port_num}"),
-                rule: "the driver was not approved for inbound TCP".into(),
-            }
-            .into());
-        }
-        check_listen_policy(g, port_num, Transport::Tcp)?;
-        let permit = match g.admit_listener() {
-            Ok(p) => p,
-            Err(e) => {
-                g.host.report(
-                    Event::new(&g.id, EventKind::LimitHit, format!("port {port_num}"))
-                        .detail(e.to_string()),
-                );
-                return Err(DriverError::Limit(e.to_string()).into());
-            }
-        };
-        let cx = ListenContext {
-            grant: g.clone(),
-            port: port_num,
-        };
+        let (cx, permit) = admit_listen(g, port_num, Transport::Tcp)?;
         let listener = g.driver.listen(cx).await?;
         g.check_live()?;
         let shared = ListenerShared::start(g.clone(), port_num, listener, port, permit);
@@ -550,28 +529,7 @@ impl ip_interface::Server for InterfaceImpl {
         let p = params.get()?;
         let port_num = p.get_port_num();
         let port: udp_port::Client = p.get_port()?;
-        if !g.host.privileges().inbound_udp {
-            return Err(DriverError::Refused {
-                what: format!("listen for UDP on port {port_num}"),
-                rule: "the driver was not approved for inbound UDP".into(),
-            }
-            .into());
-        }
-        check_listen_policy(g, port_num, Transport::Udp)?;
-        let permit = match g.admit_listener() {
-            Ok(p) => p,
-            Err(e) => {
-                g.host.report(
-                    Event::new(&g.id, EventKind::LimitHit, format!("udp port {port_num}"))
-                        .detail(e.to_string()),
-                );
-                return Err(DriverError::Limit(e.to_string()).into());
-            }
-        };
-        let cx = ListenContext {
-            grant: g.clone(),
-            port: port_num,
-        };
+        let (cx, permit) = admit_listen(g, port_num, Transport::Udp)?;
         let sockets = g.driver.listen_udp(cx).await?;
         g.check_live()?;
         let listener = UdpListener::start(g, port_num, sockets, port, permit);
@@ -579,6 +537,60 @@ impl ip_interface::Server for InterfaceImpl {
             capnp_rpc::new_client(UdpListenHandleImpl { listener });
         results.get().set_handle(h);
         Ok(())
+    }
+}
+
+/// Admits a listener on `port_num`: the driver must be approved for inbound `transport`,
+/// the policy must allow the port on every listen address, and the grant must be under its
+/// listener limit. Refusals and limit hits are audited.
+fn admit_listen(
+    g: &Rc<GrantState>,
+    port_num: u16,
+    transport: Transport,
+) -> Result<(ListenContext, ListenerPermit), Error> {
+    let (approved, what, name) = match transport {
+        Transport::Tcp => (
+            g.host.privileges().inbound_tcp,
+            format!("listen on port {port_num}"),
+            "TCP",
+        ),
+        Transport::Udp => (
+            g.host.privileges().inbound_udp,
+            format!("listen for UDP on port {port_num}"),
+            "UDP",
+        ),
+    };
+    if !approved {
+        return Err(DriverError::Refused {
+            what,
+            rule: format!("the driver was not approved for inbound {name}"),
+        }
+        .into());
+    }
+    check_listen_policy(g, port_num, transport)?;
+    let permit = g.admit_listener().map_err(|e| {
+        g.host.report(
+            Event::new(
+                &g.id,
+                EventKind::LimitHit,
+                listen_target(port_num, transport),
+            )
+            .detail(e.to_string()),
+        );
+        Error::from(DriverError::Limit(e.to_string()))
+    })?;
+    let cx = ListenContext {
+        grant: g.clone(),
+        port: port_num,
+    };
+    Ok((cx, permit))
+}
+
+/// How audit events name a listening port.
+fn listen_target(port_num: u16, transport: Transport) -> String {
+    match transport {
+        Transport::Tcp => format!("port {port_num}"),
+        Transport::Udp => format!("udp port {port_num}"),
     }
 }
 
@@ -600,12 +612,12 @@ fn check_listen_policy(g: &GrantState, port_num: u16, transport: Transport) -> R
     };
     if !d.allowed {
         g.refusals.set(g.refusals.get() + 1);
-        let (kind, what) = match transport {
-            Transport::Tcp => (EventKind::ConnectRefused, format!("port {port_num}")),
-            Transport::Udp => (EventKind::DatagramRefused, format!("udp port {port_num}")),
+        let kind = match transport {
+            Transport::Tcp => EventKind::ConnectRefused,
+            Transport::Udp => EventKind::DatagramRefused,
         };
         g.host.report(
-            Event::new(&g.id, kind, what)
+            Event::new(&g.id, kind, listen_target(port_num, transport))
                 .rule(d.rule.to_string())
                 .detail("listen refused"),
         );

@@ -259,3 +259,37 @@ impl TestGrant {
         Ok(())
     }
 }
+
+/// A driver with nothing of its own: the crate's default TCP and UDP behaviour under the
+/// grant's policy and limits. Useful to test the generic servers, or as a baseline.
+pub struct PlainDriver;
+
+impl Driver for PlainDriver {
+    type Options = crate::NoOptions;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            name: "plain".into(),
+            version: "0.0.0".into(),
+            description: "the driver-api defaults, for tests".into(),
+            author: "capnet".into(),
+            provides: vec![],
+            privileges: Privileges::default(),
+        }
+    }
+
+    fn start(_: crate::NoOptions, _: &crate::DriverHost) -> Result<Self, crate::DriverError> {
+        Ok(PlainDriver)
+    }
+}
+
+/// Runs `f` to completion on a current-thread tokio runtime inside a `LocalSet`, as the
+/// driver host does (Cap'n Proto objects are not `Send`). Panics if the runtime cannot be
+/// built, which only a test should call this for.
+pub fn run_local<T>(f: impl Future<Output = T>) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the test");
+    tokio::task::LocalSet::new().block_on(&rt, f)
+}

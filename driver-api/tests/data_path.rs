@@ -7,41 +7,10 @@ use std::time::{Duration, Instant};
 
 use capnet_driver_api::capnet_schemas::bytestream;
 use capnet_driver_api::capnet_schemas::ip_capnp::{ip_network, tcp_port};
-use capnet_driver_api::testing::{GrantConfig, Harness, HarnessConfig};
-use capnet_driver_api::{Driver, DriverError, DriverHost, Manifest, Privileges};
+use capnet_driver_api::testing::{GrantConfig, Harness, HarnessConfig, PlainDriver, run_local};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// A driver with only the defaults: plain TCP.
-struct Plain;
-
-impl Driver for Plain {
-    type Options = capnet_driver_api::NoOptions;
-
-    fn manifest() -> Manifest {
-        Manifest {
-            name: "plain".into(),
-            version: "0.0.0".into(),
-            description: "test".into(),
-            author: "test".into(),
-            provides: vec![],
-            privileges: Privileges::default(),
-        }
-    }
-
-    fn start(_: capnet_driver_api::NoOptions, _: &DriverHost) -> Result<Self, DriverError> {
-        Ok(Plain)
-    }
-}
-
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    tokio::task::LocalSet::new().block_on(&rt, f);
-}
 
 async fn echo_server() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -84,9 +53,9 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 /// server, whose own close reaches us as EOF.
 #[test]
 fn bulk_echo_with_half_close() {
-    run(async {
+    run_local(async {
         let addr = echo_server().await;
-        let h = Harness::start::<Plain>(HarnessConfig::default())
+        let h = Harness::start::<PlainDriver>(HarnessConfig::default())
             .await
             .expect("start");
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
@@ -123,8 +92,8 @@ fn bulk_echo_with_half_close() {
 /// is sent, with a message naming the rule; the refusal is audited.
 #[test]
 fn private_address_is_refused() {
-    run(async {
-        let h = Harness::start::<Plain>(HarnessConfig::default())
+    run_local(async {
+        let h = Harness::start::<PlainDriver>(HarnessConfig::default())
             .await
             .expect("start");
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
@@ -151,8 +120,8 @@ fn private_address_is_refused() {
 /// after the handle is released, new connections are refused.
 #[test]
 fn listen_and_stop_by_dropping_handle() {
-    run(async {
-        let h = Harness::start::<Plain>(HarnessConfig::default())
+    run_local(async {
+        let h = Harness::start::<PlainDriver>(HarnessConfig::default())
             .await
             .expect("start");
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
@@ -218,9 +187,9 @@ fn listen_and_stop_by_dropping_handle() {
 /// `revoked` error.
 #[test]
 fn revocation_closes_connections() {
-    run(async {
+    run_local(async {
         let addr = echo_server().await;
-        let h = Harness::start::<Plain>(HarnessConfig::default())
+        let h = Harness::start::<PlainDriver>(HarnessConfig::default())
             .await
             .expect("start");
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
@@ -252,8 +221,8 @@ fn revocation_closes_connections() {
 /// A host name in an odd numeric encoding is not accepted as a name.
 #[test]
 fn odd_address_encodings_are_refused() {
-    run(async {
-        let h = Harness::start::<Plain>(HarnessConfig::default())
+    run_local(async {
+        let h = Harness::start::<PlainDriver>(HarnessConfig::default())
             .await
             .expect("start");
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
@@ -271,10 +240,10 @@ fn odd_address_encodings_are_refused() {
 /// where the policy would allow it.
 #[test]
 fn scoped_grant_reaches_only_its_host_and_port() {
-    run(async {
+    run_local(async {
         let addr = echo_server().await;
         let other = echo_server().await;
-        let h = Harness::start::<Plain>(HarnessConfig::default())
+        let h = Harness::start::<PlainDriver>(HarnessConfig::default())
             .await
             .expect("start");
         let grant = h

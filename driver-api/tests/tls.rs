@@ -4,32 +4,11 @@
 use std::sync::Arc;
 
 use capnet_driver_api::capnet_schemas::bytestream;
-use capnet_driver_api::testing::{GrantConfig, Harness, HarnessConfig};
-use capnet_driver_api::{Driver, DriverError, DriverHost, Manifest, NoOptions, Privileges};
+use capnet_driver_api::testing::{GrantConfig, Harness, HarnessConfig, PlainDriver, run_local};
+
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
-
-struct Plain;
-
-impl Driver for Plain {
-    type Options = NoOptions;
-
-    fn manifest() -> Manifest {
-        Manifest {
-            name: "plain".into(),
-            version: "0.0.0".into(),
-            description: "test".into(),
-            author: "test".into(),
-            provides: vec![],
-            privileges: Privileges::default(),
-        }
-    }
-
-    fn start(_: NoOptions, _: &DriverHost) -> Result<Self, DriverError> {
-        Ok(Plain)
-    }
-}
 
 struct Pki {
     ca_pem: String,
@@ -88,14 +67,6 @@ async fn tls_echo(pki: &Pki) -> u16 {
     port
 }
 
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    tokio::task::LocalSet::new().block_on(&rt, f);
-}
-
 /// Connects through a TLS grant. The harness and grant are returned with the stream: the
 /// connection lives only as long as its grant.
 async fn connect_via(
@@ -112,7 +83,7 @@ async fn connect_via(
     let dir = tempfile_dir();
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, ca_pem).expect("write ca");
-    let h = Harness::start::<Plain>(HarnessConfig {
+    let h = Harness::start::<PlainDriver>(HarnessConfig {
         options_toml: format!(
             "system_ca = false\nextra_ca_files = [{:?}]\nstatic_hosts = {{ \"tls.test\" = [\"127.0.0.1\"] }}\n",
             ca.display().to_string()
@@ -154,7 +125,7 @@ fn tempfile_dir() -> std::path::PathBuf {
 /// TLS session verified against the administrator's CA.
 #[test]
 fn tls_network_wraps_connections() {
-    run(async {
+    run_local(async {
         let pki = pki("tls.test");
         let port = tls_echo(&pki).await;
         let (mut s, _h, _g) = connect_via(&pki.ca_pem, port).await.expect("tls connect");
@@ -169,7 +140,7 @@ fn tls_network_wraps_connections() {
 /// reaches the grain.
 #[test]
 fn untrusted_certificate_is_refused() {
-    run(async {
+    run_local(async {
         let server = pki("tls.test");
         let other = pki("tls.test");
         let port = tls_echo(&server).await;

@@ -9,40 +9,10 @@ use std::time::Duration;
 use capnet_driver_api::capnet_schemas::ip_capnp::{ip_interface, ip_network, udp_port};
 use capnet_driver_api::events::{Event, EventKind};
 use capnet_driver_api::policy::{Action, RuleConfig, RuleDirection};
-use capnet_driver_api::testing::{GrantConfig, Harness, HarnessConfig};
-use capnet_driver_api::{Driver, DriverError, DriverHost, Limits, Manifest, Privileges};
+use capnet_driver_api::testing::{GrantConfig, Harness, HarnessConfig, PlainDriver, run_local};
+use capnet_driver_api::{Driver, DriverError, DriverHost, Limits, Manifest};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-
-/// A driver with only the defaults: plain TCP and UDP.
-struct Plain;
-
-impl Driver for Plain {
-    type Options = capnet_driver_api::NoOptions;
-
-    fn manifest() -> Manifest {
-        Manifest {
-            name: "plain".into(),
-            version: "0.0.0".into(),
-            description: "test".into(),
-            author: "test".into(),
-            provides: vec![],
-            privileges: Privileges::default(),
-        }
-    }
-
-    fn start(_: capnet_driver_api::NoOptions, _: &DriverHost) -> Result<Self, DriverError> {
-        Ok(Plain)
-    }
-}
-
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    tokio::task::LocalSet::new().block_on(&rt, f);
-}
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -123,7 +93,7 @@ fn source_port(reply: &str) -> u16 {
 }
 
 async fn harness(options: &str, listen: &[&str]) -> Harness {
-    Harness::start::<Plain>(HarnessConfig {
+    Harness::start::<PlainDriver>(HarnessConfig {
         options_toml: options.into(),
         listen_addresses: listen.iter().map(|s| s.to_string()).collect(),
         ..HarnessConfig::default()
@@ -141,7 +111,7 @@ async fn wait_event(h: &Harness, what: &str, f: impl Fn(&Event) -> bool) -> Even
 }
 
 fn echo_with_nat(bind: &'static str) {
-    run(async move {
+    run_local(async move {
         let echo = echo_server(bind).await;
         let h = harness("", &["127.0.0.1"]).await;
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
@@ -219,7 +189,7 @@ fn udp_echo_keeps_the_source_port_per_return_port_ipv6() {
 /// only from the peer sent to".
 #[test]
 fn replies_are_accepted_only_from_the_peer_sent_to() {
-    run(async {
+    run_local(async {
         let echo = echo_server("127.0.0.1:0").await;
         let h = harness("", &["127.0.0.1"]).await;
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
@@ -258,7 +228,7 @@ fn replies_are_accepted_only_from_the_peer_sent_to() {
 /// Protects listenUdp, per-peer reply ports and handle ownership.
 #[test]
 fn listen_udp_on_both_families_answers_each_peer() {
-    run(async {
+    run_local(async {
         let h = harness("", &["127.0.0.1", "::1"]).await;
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
         let iface: ip_interface::Client = grant.interface().await.expect("interface");
@@ -321,7 +291,7 @@ fn listen_udp_on_both_families_answers_each_peer() {
 /// errors and audited. Protects the datagram caps from the grant limits.
 #[test]
 fn datagram_size_and_rate_limits_are_enforced() {
-    run(async {
+    run_local(async {
         let echo = echo_server("127.0.0.1:0").await;
         let h = harness("", &["127.0.0.1"]).await;
         let grant = h
@@ -367,7 +337,7 @@ fn datagram_size_and_rate_limits_are_enforced() {
 /// amplifier defaults of the policy for UDP.
 #[test]
 fn amplifier_ports_are_denied_unless_a_rule_allows_them() {
-    run(async {
+    run_local(async {
         let h = harness("", &["127.0.0.1"]).await;
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
         let net = grant.network().await.expect("network");
@@ -410,7 +380,7 @@ fn amplifier_ports_are_denied_unless_a_rule_allows_them() {
 /// live revocation for UDP.
 #[test]
 fn revocation_closes_mappings_and_listeners_at_once() {
-    run(async {
+    run_local(async {
         let echo = echo_server("127.0.0.1:0").await;
         let h = harness("", &["127.0.0.1"]).await;
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
@@ -450,7 +420,7 @@ fn revocation_closes_mappings_and_listeners_at_once() {
 /// with the same returnPort opens a new mapping. Protects idle expiry.
 #[test]
 fn idle_mappings_expire() {
-    run(async {
+    run_local(async {
         let echo = echo_server("127.0.0.1:0").await;
         let h = harness("udp_idle_secs = 1", &["127.0.0.1"]).await;
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");
@@ -479,7 +449,7 @@ impl Driver for Picky {
     type Options = capnet_driver_api::NoOptions;
 
     fn manifest() -> Manifest {
-        Plain::manifest()
+        PlainDriver::manifest()
     }
 
     fn start(_: capnet_driver_api::NoOptions, _: &DriverHost) -> Result<Self, DriverError> {
@@ -505,7 +475,7 @@ impl Driver for Picky {
 /// UDP hook protocol drivers build on.
 #[test]
 fn the_inspect_hook_refuses_datagrams() {
-    run(async {
+    run_local(async {
         let echo = echo_server("127.0.0.1:0").await;
         let h = Harness::start::<Picky>(HarnessConfig::default())
             .await
@@ -531,7 +501,7 @@ fn the_inspect_hook_refuses_datagrams() {
 /// that leave returnPort empty.
 #[test]
 fn a_send_without_a_return_port_goes_out() {
-    run(async {
+    run_local(async {
         let echo = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let h = harness("", &["127.0.0.1"]).await;
         let grant = h.open_grant(GrantConfig::default()).await.expect("grant");

@@ -7,18 +7,10 @@ use std::time::Duration;
 use capnet_driver_api::capnet_schemas::bytestream;
 use capnet_driver_api::capnet_schemas::ip_capnp::tcp_port;
 use capnet_driver_api::events::EventKind;
-use capnet_driver_api::testing::{GrantConfig, Harness, HarnessConfig, TestGrant};
+use capnet_driver_api::testing::{GrantConfig, Harness, HarnessConfig, TestGrant, run_local};
 use capnet_driver_http::HttpDriver;
 use capnet_tests::peers::{Nginx, TestCa};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    tokio::task::LocalSet::new().block_on(&rt, f);
-}
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -132,7 +124,7 @@ async fn assert_closed<S: AsyncRead + Unpin>(c: &mut BufReader<S>) {
 /// is audited. Protects the per-request Host check and keep-alive handling.
 #[test]
 fn every_kept_alive_request_is_checked() {
-    run(async {
+    run_local(async {
         let s = setup("", &[]).await;
         let mut c = BufReader::new(open(&s.grant, "allowed.test", s.nginx.http_port).await);
         for _ in 0..2 {
@@ -164,7 +156,7 @@ fn every_kept_alive_request_is_checked() {
 /// and the size limits.
 #[test]
 fn malformed_and_oversized_requests_are_refused() {
-    run(async {
+    run_local(async {
         let s = setup("", &[]).await;
         let big_header = format!("X-Big: {}\r\n", "a".repeat(5000));
         let cases = [
@@ -211,7 +203,7 @@ fn malformed_and_oversized_requests_are_refused() {
 /// A request body within the limit goes through (chunked and with a length).
 #[test]
 fn request_bodies_within_the_limit_pass() {
-    run(async {
+    run_local(async {
         let s = setup("", &[]).await;
         let mut c = BufReader::new(open(&s.grant, "allowed.test", s.nginx.http_port).await);
         let req = "POST / HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 5\r\n\r\nhello";
@@ -240,7 +232,7 @@ async fn tls_client(
 /// checking without terminating TLS.
 #[test]
 fn tls_sni_is_checked_without_terminating_tls() {
-    run(async {
+    run_local(async {
         let s = setup("", &[]).await;
         let stream = open(&s.grant, "allowed.test", s.nginx.https_port).await;
         let tls = tls_client(&s.ca, "allowed.test", stream)
@@ -271,7 +263,7 @@ fn tls_sni_is_checked_without_terminating_tls() {
 /// Ports outside `ports` are refused at connect, and audited.
 #[test]
 fn only_allowed_ports() {
-    run(async {
+    run_local(async {
         let s = setup("", &[]).await;
         let p = port(&s.grant, "allowed.test", 22).await;
         let err = bytestream::connect(&p).await.expect_err("refused");
@@ -283,7 +275,7 @@ fn only_allowed_ports() {
 /// `response_timeout_secs`. Protects the response-time limit.
 #[test]
 fn a_silent_server_gives_504() {
-    run(async {
+    run_local(async {
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -305,7 +297,7 @@ fn a_silent_server_gives_504() {
 /// per-connection byte limit.
 #[test]
 fn total_bytes_are_capped() {
-    run(async {
+    run_local(async {
         let s = setup("max_total_bytes = 65536", &[]).await;
         let mut c = BufReader::new(open(&s.grant, "allowed.test", s.nginx.http_port).await);
         let req = "GET /big HTTP/1.1\r\nHost: allowed.test\r\n\r\n";
@@ -336,7 +328,7 @@ fn total_bytes_are_capped() {
 /// encrypts.
 #[test]
 fn driver_tls_still_checks_every_host() {
-    run(async {
+    run_local(async {
         let ca = TestCa::new(&["allowed.test", "other.test"]).expect("CA");
         let nginx = Nginx::start(&ca, &["allowed.test", "other.test"]).expect("nginx");
         let options = format!(
@@ -377,7 +369,7 @@ system_ca = false
 /// demo configuration cannot drift from what the driver accepts.
 #[test]
 fn the_demo_configuration_starts_the_driver() {
-    run(async {
+    run_local(async {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/demo.toml");
         let text = std::fs::read_to_string(path).expect("config/demo.toml");
         let config: toml::Table = toml::from_str(&text).expect("demo.toml is TOML");

@@ -8,18 +8,10 @@ use std::time::Duration;
 use capnet_driver_api::capnet_schemas::bytestream;
 use capnet_driver_api::capnet_schemas::ip_capnp::tcp_port;
 use capnet_driver_api::events::EventKind;
-use capnet_driver_api::testing::{GrantConfig, Harness, HarnessConfig, TestGrant};
+use capnet_driver_api::testing::{GrantConfig, Harness, HarnessConfig, TestGrant, run_local};
 use capnet_driver_smtp::SmtpDriver;
 use capnet_tests::peers::{SmtpSink, TestCa};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    tokio::task::LocalSet::new().block_on(&rt, f);
-}
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -183,7 +175,7 @@ async fn session(grant: &TestGrant) -> Client<tokio::io::DuplexStream> {
 /// egress, 8BITMIME/SMTPUTF8 pass-through and byte-exact relaying.
 #[test]
 fn relays_a_message_byte_for_byte_over_verified_starttls() {
-    run(async {
+    run_local(async {
         let s = setup("localhost", PROFILE).await;
         let mut c = session(&s.grant).await;
         let message = "From: App <app@example.test>\r\nTo: bob@example.net\r\nSubject: caf\u{e9}\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nBonjour, \u{e7}a va ?\r\n.a line that starts with a dot\r\n\r\nbye\r\n";
@@ -239,7 +231,7 @@ fn relays_a_message_byte_for_byte_over_verified_starttls() {
 /// dialogue and clear reply codes on every refusal.
 #[test]
 fn refusals_have_clear_codes_and_reach_no_relay() {
-    run(async {
+    run_local(async {
         let s = setup("localhost", PROFILE).await;
         let mut c = session(&s.grant).await;
         let ok_msg = b"From: app@example.test\r\nSubject: x\r\n\r\nhi\r\n";
@@ -338,7 +330,7 @@ fn refusals_have_clear_codes_and_reach_no_relay() {
 /// 450 4.7.1 at MAIL FROM. Protects the per-grant message rate.
 #[test]
 fn messages_per_window_is_enforced() {
-    run(async {
+    run_local(async {
         let profile =
             "envelope_sender = \"app@example.test\"\nmessages_per_window = 1\nwindow_secs = 3600\n";
         let s = setup("localhost", profile).await;
@@ -364,7 +356,7 @@ fn messages_per_window_is_enforced() {
 /// STARTTLS (the test CA is trusted, the name is wrong).
 #[test]
 fn relay_certificate_is_verified() {
-    run(async {
+    run_local(async {
         let s = setup("wrong-name.test", PROFILE).await;
         let mut c = session(&s.grant).await;
         let (code, text) = c
@@ -387,7 +379,7 @@ fn relay_certificate_is_verified() {
 /// errors the session ends with 421. Protects the parser's bounds.
 #[test]
 fn hostile_input_is_bounded() {
-    run(async {
+    run_local(async {
         let s = setup("localhost", PROFILE).await;
         let mut c = session(&s.grant).await;
         let long = vec![b'A'; 200_000];
@@ -425,7 +417,7 @@ fn hostile_input_is_bounded() {
 /// audited. Protects the per-grain configuration being required.
 #[test]
 fn a_grain_without_a_profile_cannot_send() {
-    run(async {
+    run_local(async {
         let s = setup("localhost", PROFILE).await;
         let stranger = s
             .harness
@@ -455,7 +447,7 @@ fn a_grain_without_a_profile_cannot_send() {
 /// inbound domains gets 550. Protects inbound mail and its limits.
 #[test]
 fn inbound_mail_reaches_the_grain_within_limits() {
-    run(async {
+    run_local(async {
         let s = setup("localhost", PROFILE).await;
         let iface = s.grant.interface().await.expect("interface");
         let (port, mut incoming) = bytestream::listener();
@@ -523,7 +515,7 @@ fn inbound_mail_reaches_the_grain_within_limits() {
 /// CA file), so the shipped demo configuration cannot drift from what the driver accepts.
 #[test]
 fn the_demo_configuration_starts_the_driver() {
-    run(async {
+    run_local(async {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/demo.toml");
         let text = std::fs::read_to_string(path).expect("config/demo.toml");
         let ca = TestCa::new(&["localhost"]).expect("CA");
