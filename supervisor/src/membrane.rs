@@ -3,8 +3,9 @@
 //! Every capability a grain holds is one of these proxies; the grain never holds a driver
 //! capability (capnp-rpc-rust has no three-party handoff, and we would not want one). Each
 //! proxy checks its grant on every call, so a revoked grant fails at once with a `revoked:`
-//! error. Proxies that hold driver objects (streams, listener handles, the grain's own
-//! ports handed to a driver) register with the grant and let go of them on revocation.
+//! error. Proxies that hold objects of the other side (driver streams, listener handles,
+//! the grain's own ports handed to a driver) hold them in a [`Link`], which the grant cuts
+//! on revocation.
 //! Bytes are counted here, where a driver cannot misreport them.
 //!
 //! Network, host and port proxies hold no driver objects at all: they remember what they
@@ -43,20 +44,103 @@ impl HostRef {
             Err(_) => HostRef::Name(t.to_string()),
         }
     }
-}
 
-/// The capability a grain receives for a grant.
-pub fn root_capability(grant: &Rc<Grant>) -> capnp::capability::Client {
-    restore_capability(grant, &SavedObject::Root)
-}
-
-impl HostRef {
     fn text(&self) -> String {
         match self {
             HostRef::Addr(a) => a.to_string(),
             HostRef::Name(n) => n.clone(),
         }
     }
+
+    /// This host as the driver's `net` names it (pipelined: no round trip here).
+    fn on(&self, net: &ip_network::Client) -> ip_remote_host::Client {
+        match self {
+            HostRef::Addr(a) => {
+                let mut req = net.get_remote_host_request();
+                capnet_schemas::ip::write(req.get().init_address(), *a);
+                req.send().pipeline.get_host()
+            }
+            HostRef::Name(n) => {
+                let mut req = net.get_remote_host_by_name_request();
+                req.get().set_address(n);
+                req.send().pipeline.get_host()
+            }
+        }
+    }
+}
+
+/// A driver port (`TcpPort` or `UdpPort`) a port proxy forwards to, derived from the
+/// grant's network and kept for one driver generation: after a driver restart it is
+/// derived again from the new instance.
+pub(crate) struct DriverPort<C> {
+    cached: RefCell<Option<(u64, C)>>,
+}
+
+impl<C: Clone> DriverPort<C> {
+    pub(crate) fn new() -> Self {
+        Self {
+            cached: RefCell::new(None),
+        }
+    }
+
+    /// The port for the driver's current generation; `derive` names it on a remote host
+    /// of the driver's network.
+    pub(crate) async fn get(
+        &self,
+        grant: &Grant,
+        host: &HostRef,
+        derive: impl FnOnce(ip_remote_host::Client) -> C,
+    ) -> Result<C, Error> {
+        let (net, generation) = grant.network().await?;
+        if let Some((g, p)) = &*self.cached.borrow()
+            && *g == generation
+        {
+            return Ok(p.clone());
+        }
+        let port = derive(host.on(&net));
+        *self.cached.borrow_mut() = Some((generation, port.clone()));
+        Ok(port)
+    }
+}
+
+/// A capability on the other side of the membrane (a driver's stream, handle or port, or a
+/// grain's port handed to a driver), held for one grant and let go of when the grant is
+/// revoked. The proxy holding it is its only owner; the grant holds it weakly.
+pub(crate) struct Link<T> {
+    target: RefCell<Option<T>>,
+    pub(crate) grant: Rc<Grant>,
+}
+
+impl<T: Clone + 'static> Link<T> {
+    /// Holds `target` for `grant` and registers it for revocation.
+    pub(crate) fn new(grant: &Rc<Grant>, target: T) -> Rc<Self> {
+        let link = Rc::new(Self {
+            target: RefCell::new(Some(target)),
+            grant: grant.clone(),
+        });
+        grant.register(Rc::downgrade(&link) as std::rc::Weak<dyn Revocable>);
+        link
+    }
+
+    /// The target while the grant is live; a `revoked:` error otherwise.
+    pub(crate) fn get(&self) -> Result<T, Error> {
+        self.grant.check_live()?;
+        self.target
+            .borrow()
+            .clone()
+            .ok_or_else(|| revoked_error(&self.grant.id, "released"))
+    }
+}
+
+impl<T> Revocable for Link<T> {
+    fn revoke(&self) {
+        self.target.borrow_mut().take();
+    }
+}
+
+/// The capability a grain receives for a grant.
+pub fn root_capability(grant: &Rc<Grant>) -> capnp::capability::Client {
+    restore_capability(grant, &SavedObject::Root)
 }
 
 fn remote_host(grant: &Rc<Grant>, host: HostRef) -> ip_remote_host::Client {
@@ -72,7 +156,7 @@ fn tcp_port(grant: &Rc<Grant>, host: HostRef, port: u16) -> tcp_port::Client {
         grant: grant.clone(),
         host,
         port,
-        cached: RefCell::new(None),
+        driver: DriverPort::new(),
     });
     tcp_port::Client { client: c.client }
 }
@@ -239,65 +323,56 @@ struct TcpPortProxy {
     grant: Rc<Grant>,
     host: HostRef,
     port: u16,
-    /// The driver's port object for one driver generation.
-    cached: RefCell<Option<(u64, tcp_port::Client)>>,
-}
-
-impl TcpPortProxy {
-    async fn driver_port(&self) -> Result<tcp_port::Client, Error> {
-        let (net, generation) = self.grant.network().await?;
-        if let Some((g, p)) = &*self.cached.borrow()
-            && *g == generation
-        {
-            return Ok(p.clone());
-        }
-        let host = match &self.host {
-            HostRef::Addr(a) => {
-                let mut req = net.get_remote_host_request();
-                capnet_schemas::ip::write(req.get().init_address(), *a);
-                req.send().pipeline.get_host()
-            }
-            HostRef::Name(n) => {
-                let mut req = net.get_remote_host_by_name_request();
-                req.get().set_address(n);
-                req.send().pipeline.get_host()
-            }
-        };
-        let mut req = host.get_tcp_port_request();
-        req.get().set_port_num(self.port);
-        let port = req.send().pipeline.get_port();
-        *self.cached.borrow_mut() = Some((generation, port.clone()));
-        Ok(port)
-    }
+    driver: DriverPort<tcp_port::Client>,
 }
 
 impl tcp_port::Server for TcpPortProxy {
     async fn connect(
         self: Rc<Self>,
         params: tcp_port::ConnectParams,
-        mut results: tcp_port::ConnectResults,
+        results: tcp_port::ConnectResults,
     ) -> Result<(), Error> {
         let g = &self.grant;
         g.check_live()?;
         g.touch();
         let downstream = params.get()?.get_downstream()?;
-        let port = self.driver_port().await?;
-        let conn = ConnTrack::new(g);
-        let down = ByteStreamProxy::client(downstream, g, Direction::ToGrain, conn.clone());
-        let mut req = port.connect_request();
-        req.get().set_downstream(down);
-        let response = req.send();
-        let up = ByteStreamProxy::client(
-            response.pipeline.get_upstream(),
-            g,
-            Direction::ToNetwork,
-            conn,
-        );
-        results.get().set_upstream(up);
-        results.set_pipeline()?;
-        response.promise.await?;
-        Ok(())
+        let port = self
+            .driver
+            .get(g, &self.host, |host| {
+                let mut req = host.get_tcp_port_request();
+                req.get().set_port_num(self.port);
+                req.send().pipeline.get_port()
+            })
+            .await?;
+        forward_connect(g, &port, downstream, Direction::ToGrain, results).await
     }
+}
+
+/// Forwards a `TcpPort.connect` to `port` through the membrane. The caller's `downstream`
+/// carries bytes `toward_caller`; both directions are counted, tracked as one open
+/// connection and cut on revocation.
+async fn forward_connect(
+    g: &Rc<Grant>,
+    port: &tcp_port::Client,
+    downstream: byte_stream::Client,
+    toward_caller: Direction,
+    mut results: tcp_port::ConnectResults,
+) -> Result<(), Error> {
+    let conn = ConnTrack::new(g);
+    let down = ByteStreamProxy::client(downstream, g, toward_caller, conn.clone());
+    let mut req = port.connect_request();
+    req.get().set_downstream(down);
+    let response = req.send();
+    let up = ByteStreamProxy::client(
+        response.pipeline.get_upstream(),
+        g,
+        toward_caller.reverse(),
+        conn,
+    );
+    results.get().set_upstream(up);
+    results.set_pipeline()?;
+    response.promise.await?;
+    Ok(())
 }
 
 /// `IpInterface` proxy.
@@ -317,28 +392,17 @@ impl ip_interface::Server for InterfaceProxy {
         let p = params.get()?;
         let port_num = p.get_port_num();
         let grain_port = p.get_port()?;
-        let wrapped = Rc::new(GrainPortProxy {
-            target: RefCell::new(Some(grain_port)),
-            grant: g.clone(),
+        let wrapped = capnp_rpc::new_client(GrainPortProxy {
+            grain: Link::new(g, grain_port),
         });
-        g.register(Rc::downgrade(&wrapped) as std::rc::Weak<dyn Revocable>);
         let iface = g.interface().await?;
         let mut req = iface.listen_tcp_request();
         req.get().set_port_num(port_num);
-        req.get()
-            .set_port(capnp_rpc::new_client_from_rc::<tcp_port::Client, _>(
-                wrapped,
-            ));
+        req.get().set_port(wrapped);
         let driver_handle = req.send().promise.await?.get()?.get_handle()?;
-        g.check_live()?;
-        let h = Rc::new(HandleProxy {
-            target: RefCell::new(Some(driver_handle)),
-            grant: g.clone(),
-        });
-        g.register(Rc::downgrade(&h) as std::rc::Weak<dyn Revocable>);
         results
             .get()
-            .set_handle(capnp_rpc::new_client_from_rc::<handle::Client, _>(h));
+            .set_handle(HandleProxy::client(g, driver_handle)?);
         Ok(())
     }
 
@@ -353,59 +417,38 @@ impl ip_interface::Server for InterfaceProxy {
 
 /// The grain's own `TcpPort` as a driver sees it (inbound connections).
 struct GrainPortProxy {
-    target: RefCell<Option<tcp_port::Client>>,
-    grant: Rc<Grant>,
-}
-
-impl Revocable for GrainPortProxy {
-    fn revoke(&self) {
-        self.target.borrow_mut().take();
-    }
+    grain: Rc<Link<tcp_port::Client>>,
 }
 
 impl tcp_port::Server for GrainPortProxy {
     async fn connect(
         self: Rc<Self>,
         params: tcp_port::ConnectParams,
-        mut results: tcp_port::ConnectResults,
+        results: tcp_port::ConnectResults,
     ) -> Result<(), Error> {
-        let g = &self.grant;
-        g.check_live()?;
-        let target = self
-            .target
-            .borrow()
-            .clone()
-            .ok_or_else(|| Error::disconnected("the grain's port was released".into()))?;
+        let target = self.grain.get()?;
+        let g = &self.grain.grant;
         g.touch();
         let to_network = params.get()?.get_downstream()?;
-        let conn = ConnTrack::new(g);
-        let grain_writes =
-            ByteStreamProxy::client(to_network, g, Direction::ToNetwork, conn.clone());
-        let mut req = target.connect_request();
-        req.get().set_downstream(grain_writes);
-        let response = req.send();
-        let to_grain = ByteStreamProxy::client(
-            response.pipeline.get_upstream(),
-            g,
-            Direction::ToGrain,
-            conn,
-        );
-        results.get().set_upstream(to_grain);
-        results.set_pipeline()?;
-        response.promise.await?;
-        Ok(())
+        forward_connect(g, &target, to_network, Direction::ToNetwork, results).await
     }
 }
 
-/// A driver `Handle` held for a grain.
-struct HandleProxy {
-    target: RefCell<Option<handle::Client>>,
-    grant: Rc<Grant>,
+/// A driver listener's `Handle` held for a grain (TCP and UDP).
+pub(crate) struct HandleProxy {
+    driver: Rc<Link<handle::Client>>,
 }
 
-impl Revocable for HandleProxy {
-    fn revoke(&self) {
-        self.target.borrow_mut().take();
+impl HandleProxy {
+    /// The grain's handle for `driver_handle`, unless the grant was revoked meanwhile.
+    pub(crate) fn client(
+        grant: &Rc<Grant>,
+        driver_handle: handle::Client,
+    ) -> Result<handle::Client, Error> {
+        grant.check_live()?;
+        Ok(capnp_rpc::new_client(HandleProxy {
+            driver: Link::new(grant, driver_handle),
+        }))
     }
 }
 
@@ -415,12 +458,7 @@ impl handle::Server for HandleProxy {
         _: handle::PingParams,
         _: handle::PingResults,
     ) -> Result<(), Error> {
-        self.grant.check_live()?;
-        let target = self
-            .target
-            .borrow()
-            .clone()
-            .ok_or_else(|| Error::disconnected("the handle was released".into()))?;
+        let target = self.driver.get()?;
         target.ping_request().send().promise.await?;
         Ok(())
     }
@@ -454,10 +492,18 @@ enum Direction {
     ToNetwork,
 }
 
+impl Direction {
+    fn reverse(self) -> Self {
+        match self {
+            Direction::ToGrain => Direction::ToNetwork,
+            Direction::ToNetwork => Direction::ToGrain,
+        }
+    }
+}
+
 /// A `ByteStream` forwarded through the membrane, counting bytes.
 struct ByteStreamProxy {
-    target: RefCell<Option<byte_stream::Client>>,
-    grant: Rc<Grant>,
+    target: Rc<Link<byte_stream::Client>>,
     direction: Direction,
     _conn: Rc<ConnTrack>,
 }
@@ -469,28 +515,15 @@ impl ByteStreamProxy {
         direction: Direction,
         conn: Rc<ConnTrack>,
     ) -> byte_stream::Client {
-        let p = Rc::new(Self {
-            target: RefCell::new(Some(target)),
-            grant: grant.clone(),
+        capnp_rpc::new_client(Self {
+            target: Link::new(grant, target),
             direction,
             _conn: conn,
-        });
-        grant.register(Rc::downgrade(&p) as std::rc::Weak<dyn Revocable>);
-        capnp_rpc::new_client_from_rc(p)
+        })
     }
 
     fn target(&self) -> Result<byte_stream::Client, Error> {
-        self.grant.check_live()?;
-        self.target
-            .borrow()
-            .clone()
-            .ok_or_else(|| revoked_error(&self.grant.id, "stream released"))
-    }
-}
-
-impl Revocable for ByteStreamProxy {
-    fn revoke(&self) {
-        self.target.borrow_mut().take();
+        self.target.get()
     }
 }
 
@@ -499,9 +532,10 @@ impl byte_stream::Server for ByteStreamProxy {
         let target = self.target()?;
         let data = params.get()?.get_data()?;
         let n = data.len() as u64;
+        let grant = &self.target.grant;
         let counter = match self.direction {
-            Direction::ToGrain => &self.grant.bytes_in,
-            Direction::ToNetwork => &self.grant.bytes_out,
+            Direction::ToGrain => &grant.bytes_in,
+            Direction::ToNetwork => &grant.bytes_out,
         };
         counter.set(counter.get() + n);
         write_request(&target, data).send().await

@@ -26,11 +26,10 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use capnet_schemas::ip_capnp::{ip_interface, udp_port};
-use capnet_schemas::util_capnp::handle;
 use capnp::Error;
 
-use crate::grants::{Grant, Revocable, revoked_error};
-use crate::membrane::HostRef;
+use crate::grants::Grant;
+use crate::membrane::{DriverPort, HandleProxy, HostRef, Link};
 
 /// How long `send` waits for a grain's `returnPort` promise to resolve.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,7 +48,7 @@ pub(crate) fn udp_port_proxy(grant: &Rc<Grant>, host: HostRef, port: u16) -> udp
             grant: grant.clone(),
             host,
             port,
-            cached: RefCell::new(None),
+            driver: DriverPort::new(),
         });
     udp_port::Client { client: c.client }
 }
@@ -59,36 +58,7 @@ pub(crate) struct UdpPortProxy {
     pub(crate) grant: Rc<Grant>,
     pub(crate) host: HostRef,
     pub(crate) port: u16,
-    /// The driver's port object for one driver generation.
-    cached: RefCell<Option<(u64, udp_port::Client)>>,
-}
-
-impl UdpPortProxy {
-    async fn driver_port(&self) -> Result<udp_port::Client, Error> {
-        let (net, generation) = self.grant.network().await?;
-        if let Some((g, p)) = &*self.cached.borrow()
-            && *g == generation
-        {
-            return Ok(p.clone());
-        }
-        let host = match &self.host {
-            HostRef::Addr(a) => {
-                let mut req = net.get_remote_host_request();
-                capnet_schemas::ip::write(req.get().init_address(), *a);
-                req.send().pipeline.get_host()
-            }
-            HostRef::Name(n) => {
-                let mut req = net.get_remote_host_by_name_request();
-                req.get().set_address(n);
-                req.send().pipeline.get_host()
-            }
-        };
-        let mut req = host.get_udp_port_request();
-        req.get().set_port_num(self.port);
-        let port = req.send().pipeline.get_port();
-        *self.cached.borrow_mut() = Some((generation, port.clone()));
-        Ok(port)
-    }
+    driver: DriverPort<udp_port::Client>,
 }
 
 impl udp_port::Server for UdpPortProxy {
@@ -108,7 +78,14 @@ impl udp_port::Server for UdpPortProxy {
         } else {
             None
         };
-        let port = self.driver_port().await?;
+        let port = self
+            .driver
+            .get(g, &self.host, |host| {
+                let mut req = host.get_udp_port_request();
+                req.get().set_port_num(self.port);
+                req.send().pipeline.get_port()
+            })
+            .await?;
         let mut req = port.send_request();
         req.get().set_message(message);
         if let Some(w) = wrapped {
@@ -143,10 +120,8 @@ async fn return_port_for(
         None => {
             let p = Rc::new(ReturnPortProxy {
                 key: key.clone(),
-                target: RefCell::new(Some(resolved)),
-                grant: grant.clone(),
+                grain: Link::new(grant, resolved),
             });
-            grant.register(Rc::downgrade(&p) as Weak<dyn Revocable>);
             RETURN_PORTS.with(|r| {
                 let mut r = r.borrow_mut();
                 r.retain(|_, w| w.strong_count() > 0);
@@ -161,14 +136,7 @@ async fn return_port_for(
 /// A grain's `returnPort` as the driver sees it: replies from the network.
 pub(crate) struct ReturnPortProxy {
     key: (String, usize),
-    target: RefCell<Option<udp_port::Client>>,
-    grant: Rc<Grant>,
-}
-
-impl Revocable for ReturnPortProxy {
-    fn revoke(&self) {
-        self.target.borrow_mut().take();
-    }
+    grain: Rc<Link<udp_port::Client>>,
 }
 
 impl Drop for ReturnPortProxy {
@@ -189,21 +157,17 @@ impl udp_port::Server for ReturnPortProxy {
         params: udp_port::SendParams,
         _: udp_port::SendResults,
     ) -> Result<(), Error> {
-        deliver_to_grain(&self.grant, &self.target, params).await
+        deliver_to_grain(&self.grain, params).await
     }
 }
 
 /// Forwards a datagram from the driver to a grain port, wrapping the driver's peer port.
 async fn deliver_to_grain(
-    grant: &Rc<Grant>,
-    target: &RefCell<Option<udp_port::Client>>,
+    grain: &Link<udp_port::Client>,
     params: udp_port::SendParams,
 ) -> Result<(), Error> {
-    grant.check_live()?;
-    let target = target
-        .borrow()
-        .clone()
-        .ok_or_else(|| revoked_error(&grant.id, "port released"))?;
+    let target = grain.get()?;
+    let grant = &grain.grant;
     let p = params.get()?;
     let message = p.get_message()?;
     let peer = DriverPeerProxy::client(grant, p.get_return_port()?);
@@ -219,24 +183,14 @@ async fn deliver_to_grain(
 
 /// A driver port that answers one peer, as the grain holds it.
 pub(crate) struct DriverPeerProxy {
-    target: RefCell<Option<udp_port::Client>>,
-    grant: Rc<Grant>,
+    driver: Rc<Link<udp_port::Client>>,
 }
 
 impl DriverPeerProxy {
     fn client(grant: &Rc<Grant>, target: udp_port::Client) -> udp_port::Client {
-        let p = Rc::new(Self {
-            target: RefCell::new(Some(target)),
-            grant: grant.clone(),
-        });
-        grant.register(Rc::downgrade(&p) as Weak<dyn Revocable>);
-        capnp_rpc::new_client_from_rc(p)
-    }
-}
-
-impl Revocable for DriverPeerProxy {
-    fn revoke(&self) {
-        self.target.borrow_mut().take();
+        capnp_rpc::new_client(Self {
+            driver: Link::new(grant, target),
+        })
     }
 }
 
@@ -246,14 +200,9 @@ impl udp_port::Server for DriverPeerProxy {
         params: udp_port::SendParams,
         _: udp_port::SendResults,
     ) -> Result<(), Error> {
-        let g = &self.grant;
-        g.check_live()?;
+        let target = self.driver.get()?;
+        let g = &self.driver.grant;
         g.touch();
-        let target = self
-            .target
-            .borrow()
-            .clone()
-            .ok_or_else(|| revoked_error(&g.id, "port released"))?;
         // Answers to a peer arrive where that peer's datagrams arrive; the grain's own
         // returnPort is not passed on, so the driver never holds a grain capability here.
         let message = params.get()?.get_message()?;
@@ -267,14 +216,7 @@ impl udp_port::Server for DriverPeerProxy {
 
 /// The grain's own `UdpPort` given to `listenUdp`, as the driver sees it.
 pub(crate) struct GrainUdpPortProxy {
-    target: RefCell<Option<udp_port::Client>>,
-    grant: Rc<Grant>,
-}
-
-impl Revocable for GrainUdpPortProxy {
-    fn revoke(&self) {
-        self.target.borrow_mut().take();
-    }
+    grain: Rc<Link<udp_port::Client>>,
 }
 
 impl udp_port::Server for GrainUdpPortProxy {
@@ -283,36 +225,7 @@ impl udp_port::Server for GrainUdpPortProxy {
         params: udp_port::SendParams,
         _: udp_port::SendResults,
     ) -> Result<(), Error> {
-        deliver_to_grain(&self.grant, &self.target, params).await
-    }
-}
-
-/// A driver's UDP listener `Handle` held for a grain.
-struct UdpHandleProxy {
-    target: RefCell<Option<handle::Client>>,
-    grant: Rc<Grant>,
-}
-
-impl Revocable for UdpHandleProxy {
-    fn revoke(&self) {
-        self.target.borrow_mut().take();
-    }
-}
-
-impl handle::Server for UdpHandleProxy {
-    async fn ping(
-        self: Rc<Self>,
-        _: handle::PingParams,
-        _: handle::PingResults,
-    ) -> Result<(), Error> {
-        self.grant.check_live()?;
-        let target = self
-            .target
-            .borrow()
-            .clone()
-            .ok_or_else(|| Error::disconnected("the handle was released".into()))?;
-        target.ping_request().send().promise.await?;
-        Ok(())
+        deliver_to_grain(&self.grain, params).await
     }
 }
 
@@ -327,27 +240,16 @@ pub(crate) async fn listen_udp(
     let p = params.get()?;
     let port_num = p.get_port_num();
     let grain_port = p.get_port()?;
-    let wrapped = Rc::new(GrainUdpPortProxy {
-        target: RefCell::new(Some(grain_port)),
-        grant: grant.clone(),
+    let wrapped = capnp_rpc::new_client(GrainUdpPortProxy {
+        grain: Link::new(grant, grain_port),
     });
-    grant.register(Rc::downgrade(&wrapped) as Weak<dyn Revocable>);
     let iface = grant.interface().await?;
     let mut req = iface.listen_udp_request();
     req.get().set_port_num(port_num);
-    req.get()
-        .set_port(capnp_rpc::new_client_from_rc::<udp_port::Client, _>(
-            wrapped,
-        ));
+    req.get().set_port(wrapped);
     let driver_handle = req.send().promise.await?.get()?.get_handle()?;
-    grant.check_live()?;
-    let h = Rc::new(UdpHandleProxy {
-        target: RefCell::new(Some(driver_handle)),
-        grant: grant.clone(),
-    });
-    grant.register(Rc::downgrade(&h) as Weak<dyn Revocable>);
     results
         .get()
-        .set_handle(capnp_rpc::new_client_from_rc::<handle::Client, _>(h));
+        .set_handle(HandleProxy::client(grant, driver_handle)?);
     Ok(())
 }
