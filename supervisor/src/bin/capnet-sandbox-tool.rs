@@ -67,10 +67,14 @@ fn helper_path() -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn spec(id: String, command: &[String], app_dir: Option<PathBuf>) -> (SandboxSpec, UnixStream) {
-    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+fn spec(
+    id: String,
+    command: &[String],
+    app_dir: Option<PathBuf>,
+) -> anyhow::Result<(SandboxSpec, UnixStream)> {
+    let (ours, theirs) = UnixStream::pair().context("creating the grain's socketpair")?;
     let uid = 300_000 + (std::process::id() % 50_000);
-    (
+    Ok((
         SandboxSpec {
             id,
             role: Role::Grain,
@@ -90,12 +94,12 @@ fn spec(id: String, command: &[String], app_dir: Option<PathBuf>) -> (SandboxSpe
             ambient_caps: Vec::new(),
         },
         ours,
-    )
+    ))
 }
 
 fn run(app_dir: Option<PathBuf>, cgroup_parent: &str, command: &[String]) -> anyhow::Result<i32> {
     let spawner = Spawner::new(&helper_path()?, cgroup_parent)?;
-    let (spec, _rpc) = spec(format!("tool-{}", std::process::id()), command, app_dir);
+    let (spec, _rpc) = spec(format!("tool-{}", std::process::id()), command, app_dir)?;
     let sb = spawner.spawn(spec)?;
     let procs: Vec<String> = sb
         .cgroup
@@ -138,7 +142,7 @@ fn bench(runs: usize, no_bwrap: bool) -> anyhow::Result<()> {
     let mut capnet = Vec::with_capacity(runs);
     for i in 0..runs {
         let t = Instant::now();
-        let (spec, _rpc) = spec(format!("bench-{i}"), &truth, None);
+        let (spec, _rpc) = spec(format!("bench-{i}"), &truth, None)?;
         let sb = spawner.spawn(spec)?;
         let exit = sb.wait_blocking()?;
         if exit.code != Some(0) {

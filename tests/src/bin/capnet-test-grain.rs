@@ -362,15 +362,16 @@ async fn udp_until_refused(
                 .context("no reply within 10 s")?
                 .context("inbox closed")?;
             let reply = String::from_utf8_lossy(&data).into_owned();
-            let source = reply
-                .strip_prefix("from ")
-                .and_then(|r| r.split(':').next())
-                .unwrap_or("?");
-            println!("READY {source}");
+            println!("READY {}", echo_source_port(&reply).unwrap_or("?"));
             ready = true;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The source port a `UdpEchoServer` reply (`from PORT: PAYLOAD`) names.
+fn echo_source_port(reply: &str) -> Option<&str> {
+    reply.strip_prefix("from ")?.split(':').next()
 }
 
 fn clean(e: capnp::Error) -> anyhow::Error {
@@ -923,10 +924,7 @@ async fn run(args: Args) -> Result<i32> {
                     .context("no reply within 10 s")?
                     .context("inbox closed")?;
                 let reply = String::from_utf8_lossy(&data).into_owned();
-                if let Some(p) = reply
-                    .strip_prefix("from ")
-                    .and_then(|r| r.split(':').next())
-                {
+                if let Some(p) = echo_source_port(&reply) {
                     ports.insert(p.to_string());
                 }
                 replies.push(reply);
