@@ -12,7 +12,7 @@ use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 
 use super::{
-    Datagram, MAX_DELIVERIES_IN_FLIGHT, MAX_LISTENER_PEERS, RECV_BUFFER, RefusalAudit,
+    MAX_DELIVERIES_IN_FLIGHT, MAX_LISTENER_PEERS, RECV_BUFFER, RefusalAudit, admit_from_network,
     check_limits, deliver,
 };
 use crate::driver::DriverError;
@@ -20,7 +20,7 @@ use crate::events::{Event, EventKind};
 use crate::grant::GrantState;
 use crate::host::DriverHost;
 use crate::limits::ListenerPermit;
-use crate::policy::{Direction, Target as PolicyTarget, Transport};
+use crate::policy::{Target as PolicyTarget, Transport};
 
 /// A `listenUdp` listener: its sockets, receive tasks and peer ports.
 pub(crate) struct UdpListener {
@@ -128,38 +128,9 @@ impl UdpListener {
             );
             return;
         }
-        let max = g.limiter.limits().udp_max_packet_size;
-        if max > 0 && payload.len() > max as usize {
-            self.refusals.report(
-                &self.host,
-                Event::new(&self.grant_id, EventKind::LimitHit, peer.to_string()).detail(format!(
-                    "datagram of {} bytes dropped: the grant allows at most {max} bytes",
-                    payload.len()
-                )),
-            );
+        if !admit_from_network(&g, &self.refusals, peer, self.port_num, payload, "datagram").await {
             return;
         }
-        if let Err(e) = g.driver.inspect_datagram(&Datagram {
-            grant_id: &self.grant_id,
-            direction: Direction::Inbound,
-            peer,
-            local_port: self.port_num,
-            payload,
-        }) {
-            g.refusals.set(g.refusals.get() + 1);
-            self.refusals.report(
-                &self.host,
-                Event::new(&self.grant_id, EventKind::DatagramRefused, peer.to_string())
-                    .detail(format!("refused by the driver: {e}")),
-            );
-            return;
-        }
-        let throttle = g.limiter.inbound_bytes();
-        if throttle.per_second() > 0 {
-            throttle.acquire(payload.len()).await;
-        }
-        let n = payload.len() as u64;
-        g.bytes_in.set(g.bytes_in.get() + n);
         let Some(port) = self.grain_port.borrow().clone() else {
             return;
         };

@@ -188,6 +188,53 @@ impl RefusalAudit {
     }
 }
 
+/// Checks a datagram from the network on its way to the grain: the grant's size cap, then
+/// the driver's [`Driver::inspect_datagram`](crate::Driver::inspect_datagram). A refusal
+/// is audited through `audit`, naming the datagram `what` ("datagram", "reply"), and
+/// returns `false`. An admitted datagram waits for the grant's inbound byte budget and is
+/// counted in the grant's `bytes_in`.
+async fn admit_from_network(
+    g: &GrantState,
+    audit: &RefusalAudit,
+    peer: SocketAddr,
+    local_port: u16,
+    payload: &[u8],
+    what: &str,
+) -> bool {
+    let max = g.limiter.limits().udp_max_packet_size;
+    if max > 0 && payload.len() > max as usize {
+        audit.report(
+            &g.host,
+            Event::new(&g.id, EventKind::LimitHit, peer.to_string()).detail(format!(
+                "{what} of {} bytes dropped: the grant allows at most {max} bytes",
+                payload.len()
+            )),
+        );
+        return false;
+    }
+    if let Err(e) = g.driver.inspect_datagram(&Datagram {
+        grant_id: &g.id,
+        direction: Direction::Inbound,
+        peer,
+        local_port,
+        payload,
+    }) {
+        g.refusals.set(g.refusals.get() + 1);
+        audit.report(
+            &g.host,
+            Event::new(&g.id, EventKind::DatagramRefused, peer.to_string())
+                .detail(format!("{what} refused by the driver: {e}")),
+        );
+        return false;
+    }
+    let throttle = g.limiter.inbound_bytes();
+    if throttle.per_second() > 0 {
+        throttle.acquire(payload.len()).await;
+    }
+    g.bytes_in.set(g.bytes_in.get() + payload.len() as u64);
+    true
+}
+
 /// The return port of datagrams sent without one: replies are dropped.
 struct Discard;
 

@@ -13,7 +13,7 @@ use tokio::task::AbortHandle;
 
 use super::{
     Datagram, MAX_DELIVERIES_IN_FLIGHT, MAX_MAPPINGS_PER_GRANT, MAX_PEERS_PER_MAPPING, RECV_BUFFER,
-    RefusalAudit, UdpBindContext, VET_CACHE, check_limits, deliver, identity,
+    RefusalAudit, UdpBindContext, VET_CACHE, admit_from_network, check_limits, deliver, identity,
 };
 use crate::context::{Target, vet_target};
 use crate::driver::DriverError;
@@ -187,40 +187,21 @@ impl Mapping {
             );
             return;
         }
-        let max = g.limiter.limits().udp_max_packet_size;
-        if max > 0 && payload.len() > max as usize {
-            self.refusals.report(
-                &self.host,
-                Event::new(&self.grant_id, EventKind::LimitHit, peer.to_string()).detail(format!(
-                    "reply of {} bytes dropped: the grant allows at most {max} bytes",
-                    payload.len()
-                )),
-            );
-            return;
-        }
-        if let Err(e) = g.driver.inspect_datagram(&Datagram {
-            grant_id: &self.grant_id,
-            direction: Direction::Inbound,
+        if !admit_from_network(
+            &g,
+            &self.refusals,
             peer,
-            local_port: self.local.port(),
+            self.local.port(),
             payload,
-        }) {
-            g.refusals.set(g.refusals.get() + 1);
-            self.refusals.report(
-                &self.host,
-                Event::new(&self.grant_id, EventKind::DatagramRefused, peer.to_string())
-                    .detail(format!("reply refused by the driver: {e}")),
-            );
+            "reply",
+        )
+        .await
+        {
             return;
-        }
-        let throttle = g.limiter.inbound_bytes();
-        if throttle.per_second() > 0 {
-            throttle.acquire(payload.len()).await;
         }
         self.last_active.set(Instant::now());
-        let n = payload.len() as u64;
-        self.bytes_in.set(self.bytes_in.get() + n);
-        g.bytes_in.set(g.bytes_in.get() + n);
+        self.bytes_in
+            .set(self.bytes_in.get() + payload.len() as u64);
         let weak = Rc::downgrade(self);
         let delivered = deliver(
             &self.return_port,
