@@ -51,6 +51,24 @@ pub struct HostStatus {
     pub error: Option<String>,
 }
 
+impl HostStatus {
+    /// The status of a load attempt.
+    fn of<T>(loaded: &Result<(T, PluginIdentity), String>) -> Self {
+        match loaded {
+            Ok((_, id)) => HostStatus {
+                ok: true,
+                identity: Some(id.clone()),
+                error: None,
+            },
+            Err(e) => HostStatus {
+                ok: false,
+                identity: None,
+                error: Some(e.clone()),
+            },
+        }
+    }
+}
+
 fn load(
     load_path: &Path,
     display: &Path,
@@ -124,18 +142,7 @@ pub fn inspect_fd_main(display: PathBuf) -> i32 {
     };
     let mut status = std::fs::File::from(status_fd);
     let load_path = PathBuf::from(format!("/proc/self/fd/{PLUGIN_FD}"));
-    let line = match load(&load_path, &display) {
-        Ok((_, id)) => HostStatus {
-            ok: true,
-            identity: Some(id),
-            error: None,
-        },
-        Err(e) => HostStatus {
-            ok: false,
-            identity: None,
-            error: Some(e),
-        },
-    };
+    let line = HostStatus::of(&load(&load_path, &display));
     let ok = line.ok;
     let text = serde_json::to_string(&line).unwrap_or_else(|_| "{\"ok\":false}".into());
     let _ = writeln!(status, "{text}");
@@ -144,18 +151,7 @@ pub fn inspect_fd_main(display: PathBuf) -> i32 {
 
 /// Runs the inspection mode: prints the identity of `path` as JSON.
 pub fn inspect_main(path: &Path) -> i32 {
-    let line = match load(path, path) {
-        Ok((_, id)) => HostStatus {
-            ok: true,
-            identity: Some(id),
-            error: None,
-        },
-        Err(e) => HostStatus {
-            ok: false,
-            identity: None,
-            error: Some(e),
-        },
-    };
+    let line = HostStatus::of(&load(path, path));
     let ok = line.ok;
     match serde_json::to_string(&line) {
         Ok(t) => println!("{t}"),

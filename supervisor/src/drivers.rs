@@ -587,13 +587,7 @@ async fn supervise(inner: Rc<Inner>, slot: Rc<Slot>) {
         let crashed = match start_host(&inner, &slot).await {
             Err(StartError::Permanent(reason)) => {
                 tracing::error!(driver = %slot.name, %reason, "driver refused");
-                inner.audit.record(
-                    AuditRecord::new("driver_refused")
-                        .driver(&slot.name)
-                        .detail(reason.clone()),
-                );
-                *slot.last_error.borrow_mut() = reason.clone();
-                slot.set(SlotState::Failed(reason));
+                mark_failed(&inner, &slot, "driver_refused", reason);
                 return;
             }
             Err(StartError::Transient(reason)) => reason,
@@ -664,13 +658,7 @@ async fn supervise(inner: Rc<Inner>, slot: Rc<Slot>) {
                 inner.max_crashes + 1,
                 inner.crash_window.as_secs()
             );
-            inner.audit.record(
-                AuditRecord::new("driver_failed")
-                    .driver(&slot.name)
-                    .detail(reason.clone()),
-            );
-            *slot.last_error.borrow_mut() = reason.clone();
-            slot.set(SlotState::Failed(reason));
+            mark_failed(&inner, &slot, "driver_failed", reason);
             return;
         }
         slot.set(SlotState::Restarting);
@@ -768,6 +756,17 @@ fn sealed_plugin(slot: &Slot) -> Result<OwnedFd, StartError> {
         Some(_) => {}
     }
     sealed_bytes(&bytes)
+}
+
+/// Leaves `slot` down as failed for `reason`, audited as `kind`, until a reload.
+fn mark_failed(inner: &Inner, slot: &Slot, kind: &str, reason: String) {
+    inner.audit.record(
+        AuditRecord::new(kind)
+            .driver(&slot.name)
+            .detail(reason.clone()),
+    );
+    *slot.last_error.borrow_mut() = reason.clone();
+    slot.set(SlotState::Failed(reason));
 }
 
 /// What a driver host sees read-only besides the system files the sandbox always gives

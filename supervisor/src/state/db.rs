@@ -90,6 +90,14 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// Turns a SQLite error into a [`StateError`] naming the database file.
+fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> StateError + Copy + '_ {
+    move |source| StateError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -97,10 +105,7 @@ fn to_i64(v: u64) -> i64 {
 impl StateDb {
     /// Opens or creates the database and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Self, StateError> {
-        let err = |source| StateError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        };
+        let err = sqlite_err(path);
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -121,11 +126,8 @@ impl StateDb {
         Ok(db)
     }
 
-    fn err(&self) -> impl Fn(rusqlite::Error) -> StateError + '_ {
-        |source| StateError::Sqlite {
-            path: self.path.clone(),
-            source,
-        }
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StateError + Copy + '_ {
+        sqlite_err(&self.path)
     }
 
     fn migrate(&mut self) -> Result<(), StateError> {
@@ -142,11 +144,7 @@ impl StateDb {
             });
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let path = self.path.clone();
-            let err = |source| StateError::Sqlite {
-                path: path.clone(),
-                source,
-            };
+            let err = sqlite_err(&self.path);
             let tx = self.conn.transaction().map_err(err)?;
             tx.execute_batch(sql).map_err(err)?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)
@@ -173,11 +171,7 @@ impl StateDb {
 
     /// Stores a new grant (and its audit record) in one transaction.
     pub fn insert_grant(&mut self, g: &GrantRow, audit: &AuditRecord) -> Result<(), StateError> {
-        let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
             "INSERT INTO grants (id, grain, driver, kind, label, rules, limits, source, created_ms)
@@ -258,11 +252,7 @@ impl StateDb {
         reason: &str,
         audit: &AuditRecord,
     ) -> Result<bool, StateError> {
-        let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         let n = tx
             .execute(
@@ -278,11 +268,7 @@ impl StateDb {
 
     /// Records usage counters of grants: (id, last used, bytes in, bytes out).
     pub fn update_usage(&mut self, usage: &[(String, u64, u64, u64)]) -> Result<(), StateError> {
-        let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         {
             let mut st = tx
@@ -304,11 +290,7 @@ impl StateDb {
         grain: &str,
         audit: &AuditRecord,
     ) -> Result<(usize, usize), StateError> {
-        let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         let tokens = tx
             .execute("DELETE FROM tokens WHERE grain = ?1", params![grain])
@@ -328,11 +310,7 @@ impl StateDb {
         row: &TokenRow,
         audit: &AuditRecord,
     ) -> Result<(), StateError> {
-        let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
             "INSERT INTO tokens (hash, grant_id, grain, object, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -378,11 +356,7 @@ impl StateDb {
         at_ms: u64,
         audit: &AuditRecord,
     ) -> Result<bool, StateError> {
-        let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         let n = tx
             .execute(
@@ -409,11 +383,7 @@ impl StateDb {
 
     /// Appends audit records in one transaction.
     pub fn insert_audit(&mut self, records: &[AuditRecord]) -> Result<(), StateError> {
-        let path = self.path.clone();
-        let err = |source| StateError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         for r in records {
             insert_audit_in(&tx, r).map_err(err)?;
