@@ -110,13 +110,16 @@ impl StateDb {
             let _ = std::fs::create_dir_all(dir);
         }
         let conn = Connection::open(path).map_err(err)?;
+        // The busy timeout comes first: switching to WAL, or recovering a WAL a killed
+        // predecessor left, takes locks that another reader (an administrator's `sqlite3`,
+        // a backup) may hold for a moment.
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
         let mut db = Self {
             conn,
@@ -503,6 +506,38 @@ mod tests {
             revoked_ms: None,
             revoke_reason: None,
         }
+    }
+
+    /// Opening waits for a lock another process holds for a moment (an administrator's
+    /// `sqlite3`, a backup) instead of failing at once with "database is locked".
+    #[test]
+    fn open_waits_for_a_briefly_held_lock() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("state.db");
+        drop(StateDb::open(&p).expect("create"));
+        let other = Connection::open(&p).expect("other connection");
+        other
+            .pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .expect("exclusive locking");
+        other
+            .execute_batch("BEGIN EXCLUSIVE; CREATE TABLE held(x); COMMIT;")
+            .expect("take the lock");
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let _ = held_tx.send(());
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(other);
+        });
+        held_rx.recv().expect("holder started");
+        let t = std::time::Instant::now();
+        let db = StateDb::open(&p).expect("open waits for the lock");
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(db.version().expect("v"), MIGRATIONS.len() as i64);
+        holder.join().expect("holder");
     }
 
     /// A fresh database migrates to the current version and reopening it is a no-op.
