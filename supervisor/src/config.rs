@@ -903,15 +903,13 @@ impl Config {
             }
         }
         let d = &self.daemon;
-        let parent_ok = !d.cgroup_parent.is_empty()
-            && d.cgroup_parent.len() <= 64
-            && !d.cgroup_parent.starts_with('.')
-            && d.cgroup_parent
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-        if !parent_ok {
+        if d.cgroup_parent.len() > 64
+            || crate::sandbox::cgroups::parent_components(&d.cgroup_parent).is_err()
+        {
             return Err(self.invalid(format!(
-                "daemon.cgroup_parent {:?} must be 1-64 of [A-Za-z0-9._-], not starting with '.'",
+                "daemon.cgroup_parent {:?} must be at most 64 characters: up to 4 names of \
+                 [A-Za-z0-9._-] (not \".\" or \"..\") separated by '/', e.g. \"capnet\" or \
+                 \"capnet/staging\"",
                 d.cgroup_parent
             )));
         }
@@ -1216,9 +1214,30 @@ mod tests {
         let err = Config::parse("[daemon]\nsandbox_uid_base = 0\n", Path::new("c.toml"))
             .expect_err("uid 0");
         assert!(err.to_string().contains("sandbox_uid_base 0"), "{err}");
-        let err = Config::parse("[daemon]\ncgroup_parent = \"../x\"\n", Path::new("c.toml"))
-            .expect_err("cgroup parent");
-        assert!(err.to_string().contains("cgroup_parent"), "{err}");
+        for bad in [
+            "../x",
+            "capnet/..",
+            "/capnet",
+            "capnet/",
+            "a//b",
+            "a/b/c/d/e",
+            "",
+        ] {
+            let err = Config::parse(
+                &format!("[daemon]\ncgroup_parent = {bad:?}\n"),
+                Path::new("c.toml"),
+            )
+            .expect_err(bad);
+            assert!(err.to_string().contains("cgroup_parent"), "{bad}: {err}");
+        }
+        for good in ["capnet", "capnet/staging", "capnet/test-12-3"] {
+            let c = Config::parse(
+                &format!("[daemon]\ncgroup_parent = {good:?}\n"),
+                Path::new("c.toml"),
+            )
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(c.daemon.cgroup_parent, good);
+        }
     }
 
     /// Sizes: integers are bytes; K/M/G/T (with or without iB/B) are powers of 1024.

@@ -173,9 +173,7 @@ impl Sandboxes {
     /// Removes capnet's cgroup parent directories if no sandbox is left in them (at
     /// shutdown; best effort).
     pub fn remove_parent_if_empty(&self) {
-        for d in self.spawner.cgroup_parent_dirs() {
-            let _ = std::fs::remove_dir(d);
-        }
+        self.spawner.remove_cgroup_parent_if_empty();
     }
 
     /// Builds and starts a sandbox on the spawner thread; returns once its program runs.

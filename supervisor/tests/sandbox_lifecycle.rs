@@ -83,7 +83,7 @@ fn only_the_app_holds_its_fds() {
 #[test]
 fn supervisor_sigkill_takes_the_sandbox_down() {
     let app = common::probe_app_dir();
-    let parent = format!("capnet-test-kill9-{}", std::process::id());
+    let parent = format!("capnet/test-kill9-{}", std::process::id());
     let mut sup = Command::new(env!("CARGO_BIN_EXE_capnet-sandbox-tool"))
         .args(["run", "--cgroup-parent", &parent, "--app-dir"])
         .arg(app.path())
@@ -136,7 +136,45 @@ fn supervisor_sigkill_takes_the_sandbox_down() {
         assert!(left.trim().is_empty(), "{p} still has {left}");
         let dir = std::path::Path::new(p).parent().unwrap();
         std::fs::remove_dir(dir).unwrap();
-        std::fs::remove_dir(dir.parent().unwrap()).unwrap();
+        let parent = dir.parent().unwrap();
+        std::fs::remove_dir(parent).unwrap();
+        // The shared `capnet` level goes too unless another test still uses it.
+        let _ = std::fs::remove_dir(parent.parent().unwrap());
+    }
+}
+
+/// Scenario: a supervisor with a nested cgroup parent (`capnet/<test>/inner`, as several
+/// capnetd on one host use) spawns a sandbox, then shuts down.
+/// Promise: every level is created beneath the supervisor's own cgroup and holds the
+/// sandbox's cgroup; at shutdown the levels this supervisor alone used are removed.
+#[test]
+fn nested_cgroup_parent_is_created_and_removed() {
+    let name = format!("capnet/test-nested-{}/inner", std::process::id());
+    let spawner = capnet_supervisor::sandbox::Spawner::new(&common::helper_path(), &name)
+        .expect("spawner with a nested parent");
+    let dirs = spawner.cgroup_parent_dirs();
+    assert!(!dirs.is_empty());
+    for d in &dirs {
+        assert!(d.is_dir(), "{} was not created", d.display());
+        assert!(d.ends_with(&name), "{}", d.display());
+    }
+    let (spec, _rpc, _log, _app) = common::probe_grain("nested", &["hold"]);
+    let sb = spawner.spawn(spec).unwrap();
+    for d in &dirs {
+        assert!(
+            d.join("grain-nested").is_dir(),
+            "no sandbox cgroup in {}",
+            d.display()
+        );
+    }
+    sb.kill();
+    sb.wait_blocking().unwrap();
+    sb.teardown().unwrap();
+    drop(spawner);
+    for d in &dirs {
+        assert!(!d.exists(), "{} is left", d.display());
+        let middle = d.parent().unwrap();
+        assert!(!middle.exists(), "{} is left", middle.display());
     }
 }
 

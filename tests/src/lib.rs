@@ -54,7 +54,7 @@ pub fn now_ms() -> u64 {
 pub fn unique_cgroup_parent() -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     format!(
-        "capnet-test-{}-{}",
+        "capnet/test-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     )
@@ -197,12 +197,15 @@ impl Daemon {
                 && let Some(status) = c.try_wait()?
             {
                 bail!(
-                    "capnetd exited with {status} before it was ready:\n{}",
-                    self.log()
+                    "capnetd exited with {status} before it was ready; its log ends:\n{}",
+                    self.log_tail(40)
                 );
             }
             if Instant::now() > deadline {
-                bail!("capnetd was not ready within {timeout:?}:\n{}", self.log());
+                bail!(
+                    "capnetd was not ready within {timeout:?}; its log ends:\n{}",
+                    self.log_tail(40)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -211,6 +214,14 @@ impl Daemon {
     /// The daemon's own log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("capnetd.log")).unwrap_or_default()
+    }
+
+    /// The last `n` lines of the daemon's log (a failure message that quotes the whole
+    /// log of a long test would push the cause out of view).
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     /// The daemon's state directory.

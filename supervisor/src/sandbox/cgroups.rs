@@ -14,7 +14,10 @@
 //! Layout: capnet never touches cgroups it did not create. For each controller it takes
 //! the supervisor's *own* current cgroup (from `/proc/self/cgroup`), creates a parent
 //! directory (`capnet` by default) beneath it and one directory per sandbox beneath
-//! that, e.g. `/sys/fs/cgroup/memory/<own path>/capnet/grain-<id>`.
+//! that, e.g. `/sys/fs/cgroup/memory/<own path>/capnet/grain-<id>`. The parent may be
+//! nested (`capnet/test-7`), so that several supervisors on one host (tests, a staging
+//! instance) share one `capnet` directory; each level is created if missing, and at
+//! shutdown removed again if empty.
 //!
 //! The files are written directly rather than through `cgroups-rs`: on a hybrid host the
 //! work is "mkdir, write four files, read six", the crate's hierarchy detection does not
@@ -80,7 +83,10 @@ pub enum CgroupError {
         source: io::Error,
     },
     /// The sandbox name is not a single safe path component.
-    #[error("invalid cgroup name {0:?}: expected [A-Za-z0-9._-]{{1,128}}")]
+    #[error(
+        "invalid cgroup name {0:?}: expected [A-Za-z0-9._-]{{1,128}} (a parent may have up \
+         to 4 such components separated by '/')"
+    )]
     InvalidName(String),
 }
 
@@ -127,6 +133,8 @@ pub struct CgroupStats {
 #[derive(Debug, Clone)]
 pub struct CgroupRoot {
     version: CgroupVersion,
+    /// How many path components the parent name has (`capnet/test-7`: 2).
+    levels: usize,
     memory: PathBuf,
     pids: PathBuf,
     cpu: PathBuf,
@@ -315,11 +323,21 @@ fn read_keyed(path: &Path, key: &str) -> Result<u64, CgroupError> {
         .ok_or_else(|| parse_err(path, key))
 }
 
+/// The components of a cgroup parent name (`capnet`, `capnet/staging`): 1 to 4 names of
+/// `[A-Za-z0-9._-]`, none `.` or `..`.
+pub fn parent_components(parent_name: &str) -> Result<Vec<&str>, CgroupError> {
+    let parts: Vec<&str> = parent_name.split('/').collect();
+    if parts.len() > 4 || parts.iter().any(|p| validate_name(p).is_err()) {
+        return Err(CgroupError::InvalidName(parent_name.to_string()));
+    }
+    Ok(parts)
+}
+
 impl CgroupRoot {
     /// Detects the cgroup version and the supervisor's own cgroups, and creates
-    /// `parent_name` beneath each of them.
+    /// `parent_name` (one or more `/`-separated levels) beneath each of them.
     pub fn detect(parent_name: &str) -> Result<Self, CgroupError> {
-        validate_name(parent_name)?;
+        let levels = parent_components(parent_name)?.len();
         let mounts = parse_mountinfo(&read_proc("/proc/self/mountinfo")?);
         let own = parse_proc_cgroup(&read_proc("/proc/self/cgroup")?);
         let unified_root = mounts
@@ -347,13 +365,14 @@ impl CgroupRoot {
                 }
             }
             let parent = own_dir.join(parent_name);
-            Self::v2_at(&own_dir, &parent)?
+            Self::v2_at(&own_dir, &parent, levels)?
         } else {
             let dir = |c| -> Result<PathBuf, CgroupError> {
                 Ok(v1_own_dir(&mounts, &own, c)?.join(parent_name))
             };
             CgroupRoot {
                 version: CgroupVersion::V1,
+                levels,
                 memory: dir("memory")?,
                 pids: dir("pids")?,
                 cpu: dir("cpu")?,
@@ -361,19 +380,19 @@ impl CgroupRoot {
             }
         };
         for d in root.dirs() {
-            mkdir(&d)?;
-        }
-        if root.version == CgroupVersion::V2 {
-            write(
-                &root.memory.join("cgroup.subtree_control"),
-                "+memory +pids +cpu",
-            )?;
+            // Outermost level first; on v2 each level passes the controllers down.
+            for level in root.levels_of(&d).into_iter().rev() {
+                mkdir(level)?;
+                if root.version == CgroupVersion::V2 {
+                    write(&level.join("cgroup.subtree_control"), "+memory +pids +cpu")?;
+                }
+            }
         }
         tracing::debug!(version = ?root.version, memory = %root.memory.display(), "cgroup root ready");
         Ok(root)
     }
 
-    fn v2_at(own_dir: &Path, parent: &Path) -> Result<Self, CgroupError> {
+    fn v2_at(own_dir: &Path, parent: &Path, levels: usize) -> Result<Self, CgroupError> {
         // Controllers must be enabled in our own cgroup's subtree_control for the capnet
         // parent to get them. (This fails with EBUSY if our own cgroup has processes and
         // is not the root: run capnetd in a delegated cgroup, as systemd does with
@@ -394,6 +413,7 @@ impl CgroupRoot {
         }
         Ok(CgroupRoot {
             version: CgroupVersion::V2,
+            levels,
             memory: parent.to_path_buf(),
             pids: parent.to_path_buf(),
             cpu: parent.to_path_buf(),
@@ -409,6 +429,13 @@ impl CgroupRoot {
     /// The distinct parent directories (one on v2).
     pub fn dirs(&self) -> Vec<PathBuf> {
         dedup(&[&self.memory, &self.pids, &self.cpu, &self.cpuacct])
+    }
+
+    /// The directories capnet created for parent directory `dir`: `dir` itself and, for a
+    /// nested parent name, its ancestors up to (not including) the supervisor's own
+    /// cgroup; innermost first.
+    fn levels_of<'a>(&self, dir: &'a Path) -> Vec<&'a Path> {
+        dir.ancestors().take(self.levels).collect()
     }
 
     /// Creates the cgroup of sandbox `name` and applies `limits`.
@@ -471,10 +498,16 @@ impl CgroupRoot {
         removed
     }
 
-    /// Removes the parent directories if they are empty (best effort).
+    /// Removes the parent directories if they are empty, and for a nested parent name
+    /// each enclosing level that is left empty (best effort: a level another supervisor
+    /// still uses stays).
     pub fn remove_if_empty(&self) {
         for d in self.dirs() {
-            let _ = fs::remove_dir(d);
+            for level in self.levels_of(&d) {
+                if fs::remove_dir(level).is_err() {
+                    break;
+                }
+            }
         }
     }
 }

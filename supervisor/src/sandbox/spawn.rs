@@ -301,6 +301,12 @@ impl Spawner {
     pub fn cgroup_parent_dirs(&self) -> Vec<PathBuf> {
         self.cgroups.dirs()
     }
+
+    /// Removes the `capnet` parent directories (and the enclosing levels of a nested
+    /// parent name) if no sandbox is left in them; best effort.
+    pub fn remove_cgroup_parent_if_empty(&self) {
+        self.cgroups.remove_if_empty();
+    }
 }
 
 impl Drop for Spawner {

@@ -23,7 +23,7 @@ pub fn spawner(name: &str) -> Spawner {
     );
     Spawner::new(
         &helper_path(),
-        &format!("capnet-test-{name}-{}", std::process::id()),
+        &format!("capnet/test-{name}-{}", std::process::id()),
     )
     .expect("create spawner")
 }
