@@ -224,3 +224,27 @@ fn teardown_of_a_busy_sandbox_leaves_nothing() {
         assert!(!d.exists(), "{} left behind", d.display());
     }
 }
+
+/// Scenario: supervisors sharing an outer cgroup level start and stop at the same time, so
+/// one removes the shared level, empty, just as another creates its own parent inside it.
+/// Promise: creating a nested parent never fails for that; it starts over.
+#[test]
+fn shared_cgroup_level_survives_concurrent_start_and_stop() {
+    use capnet_supervisor::sandbox::cgroups::CgroupRoot;
+    let shared = format!("capnet/test-race-{}", std::process::id());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let name = format!("{shared}/t{t}");
+            std::thread::spawn(move || {
+                for round in 0..300 {
+                    let root = CgroupRoot::detect(&name)
+                        .unwrap_or_else(|e| panic!("{name}, round {round}: {e}"));
+                    root.remove_if_empty();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a supervisor thread failed");
+    }
+}

@@ -380,13 +380,7 @@ impl CgroupRoot {
             }
         };
         for d in root.dirs() {
-            // Outermost level first; on v2 each level passes the controllers down.
-            for level in root.levels_of(&d).into_iter().rev() {
-                mkdir(level)?;
-                if root.version == CgroupVersion::V2 {
-                    write(&level.join("cgroup.subtree_control"), "+memory +pids +cpu")?;
-                }
-            }
+            root.create_levels(&d)?;
         }
         tracing::debug!(version = ?root.version, memory = %root.memory.display(), "cgroup root ready");
         Ok(root)
@@ -429,6 +423,34 @@ impl CgroupRoot {
     /// The distinct parent directories (one on v2).
     pub fn dirs(&self) -> Vec<PathBuf> {
         dedup(&[&self.memory, &self.pids, &self.cpu, &self.cpuacct])
+    }
+
+    /// Creates the levels of parent directory `dir`, outermost first; on v2 each passes
+    /// the controllers down. Another supervisor sharing an outer level may remove it, empty,
+    /// at its shutdown between our creating it and creating the next level inside: then
+    /// the creation starts over.
+    fn create_levels(&self, dir: &Path) -> Result<(), CgroupError> {
+        let mut attempts = 0;
+        'again: loop {
+            for level in self.levels_of(dir).into_iter().rev() {
+                let made = mkdir(level).and_then(|()| match self.version {
+                    CgroupVersion::V2 => {
+                        write(&level.join("cgroup.subtree_control"), "+memory +pids +cpu")
+                    }
+                    CgroupVersion::V1 => Ok(()),
+                });
+                match made {
+                    Err(CgroupError::Create { source, .. } | CgroupError::Write { source, .. })
+                        if source.kind() == ErrorKind::NotFound && attempts < 10 =>
+                    {
+                        attempts += 1;
+                        continue 'again;
+                    }
+                    r => r?,
+                }
+            }
+            return Ok(());
+        }
     }
 
     /// The directories capnet created for parent directory `dir`: `dir` itself and, for a
