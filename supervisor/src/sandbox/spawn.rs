@@ -86,19 +86,34 @@ impl HelperImage {
     /// Reads `path` once into a sealed memfd called `name` (what `/proc/PID/exe` of a
     /// process executed from it shows, as `/memfd:NAME`).
     pub fn load_named(path: &Path, name: &std::ffi::CStr) -> Result<Self, HelperImageError> {
-        let bytes = std::fs::read(path).map_err(|source| HelperImageError::Read {
+        let read_err = |source| HelperImageError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
-        Self::from_bytes_named(&bytes, name)
+        };
+        let mut src = std::fs::File::open(path).map_err(read_err)?;
+        // File to file: the kernel copies (copy_file_range / sendfile), no buffer here.
+        Self::sealed(name, |memfd| {
+            std::io::copy(&mut src, memfd).map(drop).map_err(read_err)
+        })
     }
 
     /// Seals `bytes` into a memfd.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, HelperImageError> {
-        Self::from_bytes_named(bytes, c"capnet-sandbox")
+        Self::sealed(c"capnet-sandbox", |memfd| {
+            memfd
+                .write_all(bytes)
+                .map_err(|source| HelperImageError::Memfd {
+                    step: "write",
+                    source,
+                })
+        })
     }
 
-    fn from_bytes_named(bytes: &[u8], name: &std::ffi::CStr) -> Result<Self, HelperImageError> {
+    /// A memfd called `name`, filled by `fill`, then sealed against any change.
+    fn sealed(
+        name: &std::ffi::CStr,
+        fill: impl FnOnce(&mut std::fs::File) -> Result<(), HelperImageError>,
+    ) -> Result<Self, HelperImageError> {
         let step = |step| {
             move |e: nix::Error| HelperImageError::Memfd {
                 step,
@@ -108,11 +123,7 @@ impl HelperImage {
         let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
             .map_err(step("memfd_create"))?;
         let mut file = std::fs::File::from(fd);
-        file.write_all(bytes)
-            .map_err(|source| HelperImageError::Memfd {
-                step: "write",
-                source,
-            })?;
+        fill(&mut file)?;
         let fd = OwnedFd::from(file);
         fcntl(
             &fd,
