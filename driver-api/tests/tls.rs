@@ -67,21 +67,24 @@ async fn tls_echo(pki: &Pki) -> u16 {
     port
 }
 
-/// Connects through a TLS grant. The harness and grant are returned with the stream: the
-/// connection lives only as long as its grant.
+/// What keeps a TLS connection of these tests alive: the harness, the grant (the
+/// connection lives only as long as its grant) and the directory holding the CA file.
+type Keep = (
+    Harness,
+    capnet_driver_api::testing::TestGrant,
+    tempfile::TempDir,
+);
+
+/// Connects through a TLS grant that trusts only `ca_pem`.
 async fn connect_via(
     ca_pem: &str,
     port: u16,
-) -> Result<
-    (
-        tokio::io::DuplexStream,
-        Harness,
-        capnet_driver_api::testing::TestGrant,
-    ),
-    capnp::Error,
-> {
-    let dir = tempfile_dir();
-    let ca = dir.join("ca.pem");
+) -> Result<(tokio::io::DuplexStream, Keep), capnp::Error> {
+    let dir = tempfile::Builder::new()
+        .prefix("capnet-tls-")
+        .tempdir()
+        .expect("tmp dir");
+    let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, ca_pem).expect("write ca");
     let h = Harness::start::<PlainDriver>(HarnessConfig {
         options_toml: format!(
@@ -105,20 +108,7 @@ async fn connect_via(
     req.get().set_port_num(port);
     let p = req.send().pipeline.get_port();
     let s = bytestream::connect(&p).await?;
-    Ok((s, h, grant))
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "capnet-tls-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&d).expect("tmp dir");
-    d
+    Ok((s, (h, grant, dir)))
 }
 
 /// With `encryption = tls` the grain writes and reads plain bytes while the wire carries a
@@ -128,7 +118,7 @@ fn tls_network_wraps_connections() {
     run_local(async {
         let pki = pki("tls.test");
         let port = tls_echo(&pki).await;
-        let (mut s, _h, _g) = connect_via(&pki.ca_pem, port).await.expect("tls connect");
+        let (mut s, _keep) = connect_via(&pki.ca_pem, port).await.expect("tls connect");
         s.write_all(b"secret hello").await.expect("write");
         let mut buf = [0u8; 12];
         s.read_exact(&mut buf).await.expect("read");
