@@ -359,6 +359,22 @@ pub(crate) struct RemoteHostImpl {
     host: HostSpec,
 }
 
+impl RemoteHostImpl {
+    /// This host at `port`, if the grant is live and its scope allows the port (port 0 is
+    /// never a destination).
+    fn target(&self, port: u16) -> Result<Target, Error> {
+        self.grant.check_live()?;
+        if port == 0 {
+            return Err(Error::failed("port 0 is not a valid destination".into()));
+        }
+        self.grant.scope.check_port(&self.grant.id, port)?;
+        Ok(Target {
+            host: self.host.clone(),
+            port,
+        })
+    }
+}
+
 impl ip_remote_host::Server for RemoteHostImpl {
     fn get_tcp_port(
         self: Rc<Self>,
@@ -366,18 +382,10 @@ impl ip_remote_host::Server for RemoteHostImpl {
         mut results: ip_remote_host::GetTcpPortResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         let r = (|| {
-            self.grant.check_live()?;
-            let port = params.get()?.get_port_num();
-            if port == 0 {
-                return Err(Error::failed("port 0 is not a valid destination".into()));
-            }
-            self.grant.scope.check_port(&self.grant.id, port)?;
+            let target = self.target(params.get()?.get_port_num())?;
             let p: tcp_port::Client = capnp_rpc::new_client(TcpPortImpl {
                 grant: self.grant.clone(),
-                target: Target {
-                    host: self.host.clone(),
-                    port,
-                },
+                target,
             });
             results.get().set_port(p);
             Ok(())
@@ -391,18 +399,10 @@ impl ip_remote_host::Server for RemoteHostImpl {
         mut results: ip_remote_host::GetUdpPortResults,
     ) -> impl Future<Output = Result<(), Error>> + 'static {
         let r = (|| {
-            self.grant.check_live()?;
-            let port = params.get()?.get_port_num();
-            if port == 0 {
-                return Err(Error::failed("port 0 is not a valid destination".into()));
-            }
-            self.grant.scope.check_port(&self.grant.id, port)?;
+            let target = self.target(params.get()?.get_port_num())?;
             let p: udp_port::Client = capnp_rpc::new_client(UdpPortImpl {
                 grant: self.grant.clone(),
-                target: Target {
-                    host: self.host.clone(),
-                    port,
-                },
+                target,
                 vetted: RefCell::new(None),
             });
             results.get().set_port(p);
