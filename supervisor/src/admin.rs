@@ -145,6 +145,43 @@ fn write_plugin(mut b: plugin_info::Builder<'_>, i: &Inspection) {
 }
 
 impl AdminImpl {
+    /// Re-reads the config and applies it (after an edit of the config file, or on request).
+    async fn apply_config(&self) -> Result<String, Error> {
+        crate::daemon::reload(&self.config, &self.drivers, &self.grants, &self.audit)
+            .await
+            .map_err(Error::failed)
+    }
+
+    /// Pins the inspected plugin `i` at `path` as driver `name` in the config, audits it as
+    /// `kind` and applies the config.
+    async fn pin_plugin(
+        &self,
+        kind: &str,
+        name: &str,
+        path: &Path,
+        sha: &str,
+        i: &Inspection,
+    ) -> Result<(), Error> {
+        crate::config_edit::approve(
+            &self.config.get().path,
+            name,
+            path,
+            sha,
+            &i.identity.manifest.privileges,
+            i.signature.key(),
+        )
+        .map_err(err)?;
+        self.audit
+            .record(AuditRecord::new(kind).driver(name).detail(format!(
+                "{} {} v{} sha256 {sha}, privileges [{}]",
+                path.display(),
+                i.identity.name,
+                i.identity.version,
+                i.identity.manifest.privileges.names().join(", ")
+            )));
+        self.apply_config().await.map(drop)
+    }
+
     /// Inspects `path` and fails unless its SHA-256 is `sha` (what the administrator saw).
     async fn inspect_expecting(
         &self,
@@ -694,29 +731,8 @@ impl admin::Server for AdminImpl {
                 path.display()
             )));
         }
-        crate::config_edit::approve(
-            &config.path,
-            &name,
-            &path,
-            &sha,
-            &i.identity.manifest.privileges,
-            i.signature.key(),
-        )
-        .map_err(err)?;
-        self.audit.record(
-            AuditRecord::new("driver_approved")
-                .driver(&name)
-                .detail(format!(
-                    "{} {} v{} sha256 {sha}, privileges [{}]",
-                    path.display(),
-                    i.identity.name,
-                    i.identity.version,
-                    i.identity.manifest.privileges.names().join(", ")
-                )),
-        );
-        crate::daemon::reload(&self.config, &self.drivers, &self.grants, &self.audit)
-            .await
-            .map_err(Error::failed)?;
+        self.pin_plugin("driver_approved", &name, &path, &sha, &i)
+            .await?;
         write_plugin(results.get().init_plugin(), &i);
         Ok(())
     }
@@ -763,9 +779,7 @@ impl admin::Server for AdminImpl {
                 .driver(&name)
                 .detail(reason),
         );
-        crate::daemon::reload(&self.config, &self.drivers, &self.grants, &self.audit)
-            .await
-            .map_err(Error::failed)?;
+        self.apply_config().await?;
         results.get().set_grants_revoked(live as u32);
         Ok(())
     }
@@ -787,28 +801,8 @@ impl admin::Server for AdminImpl {
             )));
         }
         let i = self.inspect_expecting(&path, &sha).await?;
-        crate::config_edit::approve(
-            &config.path,
-            &name,
-            &path,
-            &sha,
-            &i.identity.manifest.privileges,
-            i.signature.key(),
-        )
-        .map_err(err)?;
-        self.audit.record(
-            AuditRecord::new("driver_upgraded")
-                .driver(&name)
-                .detail(format!(
-                    "{} v{} sha256 {sha}, privileges [{}]",
-                    path.display(),
-                    i.identity.version,
-                    i.identity.manifest.privileges.names().join(", ")
-                )),
-        );
-        crate::daemon::reload(&self.config, &self.drivers, &self.grants, &self.audit)
-            .await
-            .map_err(Error::failed)?;
+        self.pin_plugin("driver_upgraded", &name, &path, &sha, &i)
+            .await?;
         write_plugin(results.get().init_plugin(), &i);
         Ok(())
     }
@@ -847,9 +841,7 @@ impl admin::Server for AdminImpl {
         _: admin::ReloadParams,
         mut results: admin::ReloadResults,
     ) -> Result<(), Error> {
-        let summary = crate::daemon::reload(&self.config, &self.drivers, &self.grants, &self.audit)
-            .await
-            .map_err(Error::failed)?;
+        let summary = self.apply_config().await?;
         results.get().set_summary(summary);
         Ok(())
     }
